@@ -1,0 +1,67 @@
+"""`vitpipe`: the command line. Thin: parse arguments, load the config, call the library.
+
+Each area registers its own subcommands from `pipeline/commands/<area>.py` (a `register(subparsers)` function);
+heavy imports (torch, ray, mlflow, deepspeed) happen inside the command, not here, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline import __version__
+from pipeline.config import ConfigError
+
+__all__ = ["main", "build_parser"]
+
+# Order = order in `vitpipe --help`. A module that is not there yet is skipped.
+_COMMAND_MODULES = (
+    "config", "model", "shards", "pretrain", "transfer", "registry", "submit", "jobs", "stack", "plan", "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitpipe",
+        description="Distributed ViT pretraining and transfer: WebDataset shards on object storage, "
+        "DeepSpeed ZeRO workers under Ray Train, MLflow tracking and model registry.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"pipeline.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"pipeline.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"vitpipe {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"vitpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

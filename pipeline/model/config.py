@@ -1,0 +1,38 @@
+"""Typed configuration of the ViT model (owned by pipeline.model)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["ModelConfig"]
+
+
+class ModelConfig(BaseModel):
+    """Which ViT to build. The architecture comes from the named variant; the rest is the task around it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("vit_b16", description="variant name from the registry (`vitpipe model list`)")
+    image_size: int = Field(224, gt=0, description="input resolution in pixels (square)")
+    in_chans: int = Field(3, gt=0)
+    num_classes: int = Field(1000, ge=0, description="head size; 0 = no head (features only)")
+    classifier: Literal["token", "gap"] = "token"
+    pre_logits: int | None = Field(
+        None, gt=0, description="width of the tanh pre-logits layer used in pretraining; null = none"
+    )
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after embeddings and in MLPs")
+    attn_drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth, linearly increasing")
+    head_bias_init: float = Field(0.0, description="e.g. -10 for sigmoid losses (big_vision)")
+    act_checkpoint: bool = Field(False, description="activation checkpointing per block")
+
+    @field_validator("name")
+    @classmethod
+    def _known_variant(cls, name: str) -> str:
+        from pipeline.model.variants import VARIANTS
+
+        if name not in VARIANTS:
+            raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+        return name
