@@ -1,0 +1,56 @@
+"""`vitpipe plan`: the paper's compute accounting and the ZeRO memory formulas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.plan import make_plan, zero_model_state_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+JFT_SAMPLES = 303_000_000
+
+
+def test_vit_b16_seven_epochs_of_jft_is_224_exaflops() -> None:
+    # Paper Table 6: ViT-B/16 pretrained on JFT-300M for 7 epochs = 224 exaFLOPs (training = 3 x forward).
+    cfg = load_config(REPO / "configs/pretrain/vit-b16-jft.yaml")
+    plan = make_plan(cfg, gpus=256, gpu_type="h100", mfu=0.4, num_samples=JFT_SAMPLES)
+    assert plan.epochs == pytest.approx(7.0, rel=1e-3)
+    assert plan.total_exaflops == pytest.approx(224, rel=0.02)
+    assert plan.train_gflops_per_image == pytest.approx(3 * plan.forward_gflops_per_image)
+    # wall time is total / (gpus x peak x mfu)
+    assert plan.wall_hours * 3600 == pytest.approx(plan.total_exaflops * 1e18 / (256 * 989e12 * 0.4), rel=1e-9)
+
+
+def test_zero_memory_follows_the_zero_paper() -> None:
+    psi, n = 1_000_000, 64
+    got = zero_model_state_bytes(psi, n)
+    assert got[0] == 16 * psi
+    assert got[1] == pytest.approx((4 + 12 / n) * psi)
+    assert got[2] == pytest.approx((2 + 14 / n) * psi)
+    assert got[3] == pytest.approx(16 / n * psi)
+
+
+def test_h14_needs_sharding_on_small_gpus() -> None:
+    cfg = load_config(REPO / "configs/pretrain/vit-h14-jft.yaml")
+    plan = make_plan(cfg, gpus=512, gpu_type="a100", mfu=0.4, num_samples=JFT_SAMPLES, bytes_per_sample=110_000)
+    assert 600e6 < plan.params < 700e6
+    assert plan.zero_state_gib[0] > 9 > plan.zero_state_gib[3]  # 16 B/param x 0.63B params ~ 9.4 GiB unsharded
+    assert plan.input_mb_per_s == pytest.approx(plan.images_per_s * 0.11)
+
+
+def test_plan_cli_prints_the_table(capsys) -> None:
+    rc = main(["plan", str(REPO / "configs/pretrain/vit-b16-jft.yaml"), "--gpus", "128", "--num-samples",
+               str(JFT_SAMPLES), "--bytes-per-sample", "110000"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "exaFLOPs" in out and "ZeRO-3" in out and "MB/s" in out
+
+
+@pytest.mark.parametrize("args, needle", [(["--gpus", "0"], "--gpus"), (["--mfu", "1.5"], "--mfu"),
+                                          (["--gpu-type", "tpu"], "gpu-type")])
+def test_plan_rejects_bad_arguments(args, needle, capsys) -> None:
+    rc = main(["plan", str(REPO / "configs/pretrain/vit-b16-jft.yaml"), "--no-manifest", *args])
+    assert rc == 2 and needle in capsys.readouterr().err
