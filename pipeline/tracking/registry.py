@@ -1,0 +1,461 @@
+"""The MLflow model registry for our checkpoints: register, resolve, download, alias, import foreign weights.
+
+A registered version's source is a plain artifact folder `runs:/RUN/checkpoint` holding `model.safetensors` +
+`model.json` (pipeline.model.checkpoint's format), registered with `MlflowClient.create_model_version` (mlflow's
+own model flavours either unpickle or load untrainable graphs). Loading downloads the artifacts and reads the
+safetensors; nothing is ever unpickled. mlflow is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = [
+    "RegistryError",
+    "ModelRef",
+    "RegisteredVersion",
+    "CHECKPOINT_FILES",
+    "resolve_tracking_uri",
+    "parse_model_uri",
+    "code_version",
+    "lineage_tags",
+    "register_checkpoint",
+    "resolve_version",
+    "download_checkpoint",
+    "list_models",
+    "describe_model",
+    "set_alias",
+    "import_weights",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("model.safetensors", "model.json")
+DEFAULT_ARTIFACT_PATH = "checkpoint"
+FORMAT_TAG = "vitpipe.format"
+FORMAT_VALUE = "vitpipe-checkpoint-v1"
+_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[A-Za-z0-9_\-]+))$")
+# MLflow reserves the alias "latest" (any case) and itself resolves models:/NAME/latest to the highest version;
+# we treat @latest the same way, so "latest" as a configured alias is implicit and never set.
+LATEST = "latest"
+
+
+class RegistryError(ValueError):
+    """A registry reference or entry that cannot be used; the message lists what exists."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}" if self.version else f"models:/{self.name}@{self.alias}"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One registered model version, as the registry reports it."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The explicit URI, else $MLFLOW_TRACKING_URI, else a local sqlite store (mlflow's own default)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def _client(tracking_uri: str | None) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """Parses `models:/NAME/VERSION` or `models:/NAME@ALIAS`; anything else is a RegistryError saying the forms."""
+    m = _URI_RE.match(uri.strip()) if isinstance(uri, str) else None
+    if m and (m["version"] == LATEST or (m["alias"] or "").lower() == LATEST):
+        return ModelRef(m["name"], None, LATEST)
+    if not m:
+        raise RegistryError(
+            f"model URI {uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS "
+            "(e.g. models:/vit-b16-i21k@latest or models:/vit-b16-i21k/3)"
+        )
+    return ModelRef(m["name"], m["version"], m["alias"])
+
+
+def code_version() -> str:
+    """pipeline.__version__ plus the git commit of the source tree when it is a git checkout (+dirty)."""
+    from pipeline import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode != 0:
+            return __version__
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "pipeline"],
+            capture_output=True, text=True, timeout=5,
+        )
+        suffix = "+dirty" if dirty.stdout.strip() else ""
+        return f"{__version__}+g{sha.stdout.strip()}{suffix}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def lineage_tags(
+    cfg: Any,
+    *,
+    run_id: str | None,
+    step: int | None = None,
+    images_seen: int | None = None,
+    dataset: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Tags that say where a checkpoint came from. `cfg` is the resolved RunConfig (or TransferRunConfig);
+    `dataset` a data Manifest (anything with `.url` and `.checksum`), or None to record the configured URL."""
+    from pipeline.config import config_hash
+
+    tags: dict[str, Any] = {
+        "dataset.url": getattr(dataset, "url", None) or cfg.data.train,
+        "dataset.checksum": getattr(dataset, "checksum", None) or "unknown",
+        "resolution": cfg.model.image_size,
+        "model.variant": cfg.model.name,
+        "config_hash": config_hash(cfg),
+        "code_version": code_version(),
+        "run_id": run_id or "",
+    }
+    if step is not None:
+        tags["steps"] = step
+    if images_seen is not None:
+        tags["images_seen"] = images_seen
+    tags.update(extra or {})
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        raise RegistryError(
+            f"{path} is not a vitpipe checkpoint: missing {', '.join(missing)} "
+            "(write it with pipeline.model.checkpoint.save_checkpoint)"
+        )
+
+
+def _ensure_experiment(client: "MlflowClient", name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def register_checkpoint(
+    checkpoint_dir: str | Path,
+    *,
+    name: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "vit-pretrain",
+    alias: str | None = "latest",
+    tags: Mapping[str, Any] | None = None,
+    artifact_path: str = DEFAULT_ARTIFACT_PATH,
+    description: str | None = None,
+) -> RegisteredVersion:
+    """Logs a checkpoint folder (model.safetensors + model.json) to `run_id` (a new run in `experiment` when
+    None) under `artifact_path`, registers it as a new version of `name` with `tags`, and points `alias` at it."""
+    from mlflow.exceptions import MlflowException
+
+    checkpoint_dir = Path(checkpoint_dir)
+    _check_checkpoint_dir(checkpoint_dir)
+    client = _client(tracking_uri)
+    own_run = run_id is None
+    if own_run:
+        run_id = client.create_run(_ensure_experiment(client, experiment), run_name=f"register-{name}").info.run_id
+    try:
+        # Only our two files: a checkpoint folder may also hold DeepSpeed shards or loader state.
+        for f in CHECKPOINT_FILES:
+            client.log_artifact(run_id, str(checkpoint_dir / f), artifact_path)
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        all_tags = {FORMAT_TAG: FORMAT_VALUE, **{k: str(v) for k, v in (tags or {}).items()}}
+        mv = client.create_model_version(
+            name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=all_tags, description=description
+        )
+        if alias and alias.lower() != LATEST:
+            client.set_registered_model_alias(name, alias, mv.version)
+        if own_run:
+            client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        if own_run:
+            client.set_terminated(run_id, "FAILED")
+        raise
+    log.info("registered %s version %s (alias %s) from run %s", name, mv.version, alias, run_id)
+    return RegisteredVersion(name, str(mv.version), mv.source, run_id, all_tags, (alias,) if alias else ())
+
+
+def _to_version(mv: Any) -> RegisteredVersion:
+    return RegisteredVersion(
+        name=mv.name,
+        version=str(mv.version),
+        source=mv.source,
+        run_id=mv.run_id,
+        tags=dict(mv.tags or {}),
+        aliases=tuple(getattr(mv, "aliases", None) or ()),
+    )
+
+
+def _known_models(client: "MlflowClient") -> list[str]:
+    return sorted(m.name for m in client.search_registered_models(max_results=1000))
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None) -> RegisteredVersion:
+    """Looks up `models:/NAME/VERSION` or `models:/NAME@ALIAS`. An unknown name, version or alias raises a
+    RegistryError that lists the registered models, or the model's versions and aliases."""
+    from mlflow.exceptions import MlflowException
+
+    ref = parse_model_uri(uri)
+    client = _client(tracking_uri)
+    try:
+        model = client.get_registered_model(ref.name)
+    except MlflowException:
+        known = _known_models(client)
+        raise RegistryError(
+            f"{uri}: no registered model named {ref.name!r} at {resolve_tracking_uri(tracking_uri)}; "
+            f"registered models: {', '.join(known) if known else '(none)'}"
+        ) from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
+    try:
+        if ref.alias == LATEST:
+            if not versions:
+                raise MlflowException(f"{ref.name} has no versions")
+            mv = client.get_model_version(ref.name, str(versions[-1]))
+        elif ref.version:
+            mv = client.get_model_version(ref.name, ref.version)
+        else:
+            mv = client.get_model_version_by_alias(ref.name, ref.alias)
+    except MlflowException:
+        aliases = dict(getattr(model, "aliases", {}) or {})
+        what = f"version {ref.version}" if ref.version else f"alias {ref.alias!r}"
+        alias_text = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "(none)"
+        raise RegistryError(
+            f"{uri}: model {ref.name!r} has no {what}; versions: "
+            f"{', '.join(map(str, versions)) if versions else '(none)'}; aliases: {alias_text}"
+        ) from None
+    return _to_version(mv)
+
+
+def _artifact_names(client: "MlflowClient", version: RegisteredVersion) -> list[str] | None:
+    """The file names at the version's source, or None when the source is not a run artifact path."""
+    m = re.match(r"^runs:/(?P<run>[^/]+)/?(?P<path>.*)$", version.source)
+    if not m:
+        return None
+    return [Path(a.path).name for a in client.list_artifacts(m["run"], m["path"] or None) if not a.is_dir]
+
+
+def download_checkpoint(
+    uri: str, dst_dir: str | Path, tracking_uri: str | None = None
+) -> tuple[Path, RegisteredVersion]:
+    """Resolves `uri`, checks that the entry is one of our checkpoints (before fetching the weights), downloads
+    it into `dst_dir` and returns (folder holding model.safetensors + model.json, the version)."""
+    import mlflow.artifacts
+
+    version = resolve_version(uri, tracking_uri)
+    client = _client(tracking_uri)
+    names = _artifact_names(client, version)
+    if names is not None:
+        missing = [f for f in CHECKPOINT_FILES if f not in names]
+        if missing:
+            raise RegistryError(
+                f"{uri} (version {version.version}, source {version.source}) is not a vitpipe checkpoint: "
+                f"missing {', '.join(missing)}; it holds: {', '.join(sorted(names)) or '(nothing)'}. "
+                "Register weights with `vitpipe registry import` or a pretraining run."
+            )
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    uri_resolved = resolve_tracking_uri(tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source if names is not None else version.uri,
+            dst_path=str(dst_dir),
+            tracking_uri=uri_resolved,
+            registry_uri=uri_resolved,
+        )
+    )
+    try:
+        _check_checkpoint_dir(local)
+        json.loads((local / "model.json").read_text())
+    except (RegistryError, ValueError) as e:
+        raise RegistryError(f"{uri} (version {version.version}): {e}") from None
+    return local, version
+
+
+def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every registered model with its latest version number and aliases."""
+    client = _client(tracking_uri)
+    out = []
+    for m in client.search_registered_models(max_results=1000, order_by=["name ASC"]):
+        versions = [int(v.version) for v in client.search_model_versions(f"name='{m.name}'")]
+        out.append(
+            {
+                "name": m.name,
+                "latest_version": max(versions) if versions else None,
+                "versions": len(versions),
+                "aliases": dict(getattr(m, "aliases", {}) or {}),
+            }
+        )
+    return out
+
+
+def describe_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A registered model's aliases and every version with its source, run and tags."""
+    client = _client(tracking_uri)
+    resolve_version_name(client, name, tracking_uri)
+    model = client.get_registered_model(name)
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    return {
+        "name": name,
+        "description": model.description or "",
+        "aliases": dict(getattr(model, "aliases", {}) or {}),
+        "versions": [
+            {"version": str(v.version), "source": v.source, "run_id": v.run_id, "tags": dict(v.tags or {})}
+            for v in versions
+        ],
+    }
+
+
+def resolve_version_name(client: "MlflowClient", name: str, tracking_uri: str | None) -> None:
+    """Raises a RegistryError listing the registered models when `name` is not one of them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = _known_models(client)
+        raise RegistryError(
+            f"no registered model named {name!r} at {resolve_tracking_uri(tracking_uri)}; "
+            f"registered models: {', '.join(known) if known else '(none)'}"
+        ) from None
+
+
+def set_alias(name: str, version: str | int, alias: str, tracking_uri: str | None = None) -> RegisteredVersion:
+    """Points `alias` at an existing version (checked first, with the versions listed if it is not there)."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or re.fullmatch(r"[vV]\d+", alias) or alias.lower() == LATEST:
+        raise RegistryError(
+            f"alias {alias!r}: use letters, digits, '-' or '_', not the form v<number>, and not 'latest' "
+            "(MLflow reserves it: models:/NAME@latest always means the highest version)"
+        )
+    resolve_version(f"models:/{name}/{version}", tracking_uri)
+    client = _client(tracking_uri)
+    client.set_registered_model_alias(name, alias, str(version))
+    return _to_version(client.get_model_version(name, str(version)))
+
+
+def import_weights(
+    file: str | Path,
+    name: str,
+    *,
+    source: str,
+    model_cfg: Any,
+    tracking_uri: str | None = None,
+    experiment: str = "vit-import",
+    alias: str | None = "latest",
+) -> RegisteredVersion:
+    """Converts foreign weights (timm .safetensors/.pth, big_vision .npz, HF .safetensors/.bin) with the model's
+    converters, writes our checkpoint, logs it to a new run and registers it as a version of `name`."""
+    from pipeline.model.checkpoint import save_checkpoint
+    from pipeline.model.weights import convert_state_dict
+
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file not found: {file}")
+    if source not in ("timm", "npz", "hf"):
+        raise RegistryError(f"--source {source!r}: expected timm, npz or hf")
+    state_dict = _read_foreign_weights(file)
+    converted = convert_state_dict(state_dict, source=source, cfg=model_cfg)
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    from pipeline.config import config_hash
+
+    tags = {
+        "imported_from": file.name,
+        "import.source": source,
+        "import.sha256": digest.hexdigest(),
+        "resolution": model_cfg.image_size,
+        "model.variant": model_cfg.name,
+        "config_hash": config_hash(model_cfg),
+        "code_version": code_version(),
+    }
+    client = _client(tracking_uri)
+    run = client.create_run(_ensure_experiment(client, experiment), run_name=f"import-{name}")
+    run_id = run.info.run_id
+    try:
+        client.log_param(run_id, "import.file", file.name)
+        client.log_param(run_id, "import.source", source)
+        with tempfile.TemporaryDirectory(prefix="vitpipe-import-") as tmp:
+            save_checkpoint(tmp, converted, model_cfg, {"imported_from": file.name, "source": source})
+            tags["run_id"] = run_id
+            version = register_checkpoint(
+                tmp, name=name, run_id=run_id, tracking_uri=tracking_uri, alias=alias, tags=tags
+            )
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return version
+
+
+def _read_foreign_weights(file: Path) -> dict:
+    """Reads a state dict without unpickling: safetensors, .npz (allow_pickle=False), or torch weights_only."""
+    suffix = file.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    if suffix == ".npz":
+        import numpy as np
+        import torch
+
+        with np.load(file, allow_pickle=False) as z:
+            return {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
+    if suffix in (".pth", ".pt", ".bin"):
+        import torch
+
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]
+        return sd
+    raise RegistryError(f"{file}: unknown weights format {suffix!r}; expected .safetensors, .npz, .pth/.pt or .bin")
