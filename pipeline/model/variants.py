@@ -10,6 +10,8 @@ __all__ = ["Variant", "VARIANTS", "get_variant"]
 
 @dataclass(frozen=True)
 class Variant:
+    """The architecture of one ViT: hidden size D, layers L, attention heads, MLP size and patch size P."""
+
     width: int
     depth: int
     heads: int
@@ -20,6 +22,10 @@ class Variant:
     @property
     def family(self) -> str:
         return _FAMILY_NAMES[(self.width, self.depth)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
 
 
 # name -> (width, depth, heads, mlp)
@@ -34,10 +40,12 @@ _FAMILY_NAMES = {(w, d): k for k, (w, d, _, _) in _FAMILIES.items()}
 _TIMM_FAMILY = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
 # Patch sizes per family; each is a model someone has trained (paper, AugReg, DINO, timm).
 _PATCHES = {"ti": (8, 16, 32), "s": (8, 14, 16, 32), "b": (8, 14, 16, 32), "l": (14, 16, 32), "h": (14, 16)}
-# (family, patch) pairs timm 1.0 registers as `vit_{family}_patch{P}_224`
+# (family, patch) pairs timm 1.0.31 registers as `vit_{family}_patch{P}_224` (checked against `timm.list_models`;
+# Ti/8, S/14, B/14 and H/16 have no plain class-token counterpart there: their timm relatives are DINOv2 models
+# with register tokens / layer scale, or a GAP model at 448 px).
 _IN_TIMM = {
-    ("ti", 16), ("ti", 8), ("s", 8), ("s", 14), ("s", 16), ("s", 32), ("b", 8), ("b", 14), ("b", 16), ("b", 32),
-    ("l", 14), ("l", 16), ("l", 32), ("h", 14),
+    ("ti", 16), ("s", 8), ("s", 16), ("s", 32), ("b", 8), ("b", 16), ("b", 32), ("l", 14), ("l", 16), ("l", 32),
+    ("h", 14),
 }
 
 VARIANTS: dict[str, Variant] = {}
@@ -53,6 +61,7 @@ _FAMILY_NAMES.update({(64, 2): "pico", (128, 4): "nano"})
 
 
 def get_variant(name: str) -> Variant:
+    """The registered variant called `name`; a ValueError listing the known names otherwise."""
     try:
         return VARIANTS[name]
     except KeyError:
