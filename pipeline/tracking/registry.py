@@ -85,8 +85,8 @@ class RegisteredVersion:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The explicit URI, else $MLFLOW_TRACKING_URI, else a local sqlite store (mlflow's own default)."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """The explicit URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db made absolute (as the metrics sinks do)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def _client(tracking_uri: str | None) -> "MlflowClient":
@@ -137,17 +137,20 @@ def lineage_tags(
     step: int | None = None,
     images_seen: int | None = None,
     dataset: Any = None,
+    model_cfg: Any = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Tags that say where a checkpoint came from. `cfg` is the resolved RunConfig (or TransferRunConfig);
-    `dataset` a data Manifest (anything with `.url` and `.checksum`), or None to record the configured URL."""
+    `dataset` a data Manifest (anything with `.url` and `.checksum`), or None to record the configured URL;
+    `model_cfg` the checkpoint's ModelConfig when it is not `cfg.model` (transfer jobs)."""
     from pipeline.config import config_hash
 
+    model_cfg = model_cfg or cfg.model
     tags: dict[str, Any] = {
         "dataset.url": getattr(dataset, "url", None) or cfg.data.train,
         "dataset.checksum": getattr(dataset, "checksum", None) or "unknown",
-        "resolution": cfg.model.image_size,
-        "model.variant": cfg.model.name,
+        "resolution": model_cfg.image_size,
+        "model.variant": model_cfg.name,
         "config_hash": config_hash(cfg),
         "code_version": code_version(),
         "run_id": run_id or "",
@@ -311,9 +314,13 @@ def download_checkpoint(
     )
     try:
         _check_checkpoint_dir(local)
-        json.loads((local / "model.json").read_text())
+        meta = json.loads((local / "model.json").read_text())
+        from pipeline.model.checkpoint import FORMAT
+
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+            raise RegistryError(f"model.json is not a {FORMAT} model description")
     except (RegistryError, ValueError) as e:
-        raise RegistryError(f"{uri} (version {version.version}): {e}") from None
+        raise RegistryError(f"{uri} (version {version.version}) is not a vitpipe checkpoint: {e}") from None
     return local, version
 
 
@@ -383,79 +390,50 @@ def import_weights(
     name: str,
     *,
     source: str,
-    model_cfg: Any,
+    model_cfg: Any = None,
     tracking_uri: str | None = None,
     experiment: str = "vit-import",
     alias: str | None = "latest",
 ) -> RegisteredVersion:
-    """Converts foreign weights (timm .safetensors/.pth, big_vision .npz, HF .safetensors/.bin) with the model's
-    converters, writes our checkpoint, logs it to a new run and registers it as a version of `name`."""
-    from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.model.weights import convert_state_dict
-
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {file}")
-    if source not in ("timm", "npz", "hf"):
-        raise RegistryError(f"--source {source!r}: expected timm, npz or hf")
-    state_dict = _read_foreign_weights(file)
-    converted = convert_state_dict(state_dict, source=source, cfg=model_cfg)
+    """Converts foreign weights (timm, big_vision .npz, HF) with the model's converters into our checkpoint,
+    logs it to a new run and registers it as a version of `name`. `model_cfg` None = inferred from the weights."""
     import hashlib
 
+    from pipeline.config import config_hash
+    from pipeline.model.checkpoint import save_checkpoint
+    from pipeline.model.weights import convert_state_dict, infer_config, read_weights
+
+    file = Path(file)
+    if source not in ("timm", "npz", "hf"):
+        raise RegistryError(f"--source {source!r}: expected timm, npz or hf")
+    state_dict = read_weights(file)
+    model_cfg = model_cfg or infer_config(state_dict, source)
+    converted = convert_state_dict(state_dict, source=source, cfg=model_cfg)
     digest = hashlib.sha256()
     with open(file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    from pipeline.config import config_hash
-
+    client = _client(tracking_uri)
+    run_id = client.create_run(_ensure_experiment(client, experiment), run_name=f"import-{name}").info.run_id
     tags = {
-        "imported_from": file.name,
+        "import.file": file.name,
         "import.source": source,
         "import.sha256": digest.hexdigest(),
         "resolution": model_cfg.image_size,
         "model.variant": model_cfg.name,
         "config_hash": config_hash(model_cfg),
         "code_version": code_version(),
+        "run_id": run_id,
     }
-    client = _client(tracking_uri)
-    run = client.create_run(_ensure_experiment(client, experiment), run_name=f"import-{name}")
-    run_id = run.info.run_id
     try:
-        client.log_param(run_id, "import.file", file.name)
-        client.log_param(run_id, "import.source", source)
+        for key in ("import.file", "import.source", "import.sha256", "model.variant", "resolution"):
+            client.log_param(run_id, key, tags[key])
         with tempfile.TemporaryDirectory(prefix="vitpipe-import-") as tmp:
             save_checkpoint(tmp, converted, model_cfg, {"imported_from": file.name, "source": source})
-            tags["run_id"] = run_id
-            version = register_checkpoint(
-                tmp, name=name, run_id=run_id, tracking_uri=tracking_uri, alias=alias, tags=tags
-            )
+            version = register_checkpoint(tmp, name=name, run_id=run_id, tracking_uri=tracking_uri, alias=alias,
+                                          tags=tags)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     return version
-
-
-def _read_foreign_weights(file: Path) -> dict:
-    """Reads a state dict without unpickling: safetensors, .npz (allow_pickle=False), or torch weights_only."""
-    suffix = file.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    if suffix == ".npz":
-        import numpy as np
-        import torch
-
-        with np.load(file, allow_pickle=False) as z:
-            return {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
-    if suffix in (".pth", ".pt", ".bin"):
-        import torch
-
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
-        return sd
-    raise RegistryError(f"{file}: unknown weights format {suffix!r}; expected .safetensors, .npz, .pth/.pt or .bin")

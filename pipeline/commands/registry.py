@@ -1,0 +1,94 @@
+"""`vitpipe registry list|show|alias|import`: the MLflow model registry of our checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("registry", help="list, inspect, alias and import registered models (MLflow registry)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
+    rsub = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    ls = rsub.add_parser("list", help="registered models with their latest version and aliases")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+    show = rsub.add_parser("show", help="a model's versions with their lineage tags")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_show)
+    alias = rsub.add_parser("alias", help="point ALIAS at VERSION of NAME")
+    alias.add_argument("name")
+    alias.add_argument("version")
+    alias.add_argument("alias")
+    alias.set_defaults(func=_alias)
+    imp = rsub.add_parser("import", help="register externally pretrained weights (converted to our checkpoint)")
+    imp.add_argument("--source", required=True, choices=["timm", "npz", "hf"], help="layout of the weights file")
+    imp.add_argument("file", help=".safetensors, .npz, .bin/.pt/.pth (never unpickled)")
+    imp.add_argument("name", help="registered model name")
+    imp.add_argument("--variant", default=None, help="ViT variant (default: inferred from the weights)")
+    imp.add_argument("--image-size", type=int, default=None, help="resolution the weights were trained at")
+    imp.add_argument("--alias", default=None, help="alias to set on the new version")
+    imp.add_argument("--experiment", default="vit-import")
+    imp.set_defaults(func=_import)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pipeline.tracking.registry import list_models
+
+    models = list_models(args.tracking_uri)
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("no registered models")
+        return 0
+    print(f"{'NAME':40} {'LATEST':>6} {'VERSIONS':>8}  ALIASES")
+    for m in models:
+        aliases = " ".join(f"@{a}={v}" for a, v in sorted(m["aliases"].items()))
+        print(f"{m['name']:40} {m['latest_version'] or '-':>6} {m['versions']:>8}  {aliases}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from pipeline.tracking.registry import describe_model
+
+    info = describe_model(args.name, args.tracking_uri)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(info["aliases"].items())) or "(none)"
+    print(f"{info['name']}  aliases: {aliases}")
+    for v in info["versions"]:
+        print(f"  version {v['version']}  run {v['run_id']}  source {v['source']}")
+        for k, val in sorted(v["tags"].items()):
+            print(f"      {k} = {val}")
+    return 0
+
+
+def _alias(args: argparse.Namespace) -> int:
+    from pipeline.tracking.registry import set_alias
+
+    v = set_alias(args.name, args.version, args.alias, args.tracking_uri)
+    print(f"models:/{v.name}@{args.alias} -> version {v.version}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from pipeline.tracking.registry import import_weights
+
+    model_cfg = None
+    if args.variant or args.image_size:
+        from pipeline.model.weights import infer_config, read_weights
+
+        inferred = infer_config(read_weights(args.file), args.source)
+        fields = {k: v for k, v in (("name", args.variant), ("image_size", args.image_size)) if v}
+        model_cfg = inferred.model_copy(update=fields)
+    v = import_weights(
+        args.file, args.name, source=args.source, model_cfg=model_cfg, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, alias=args.alias,
+    )
+    print(f"registered {v.uri} from {args.file} (run {v.run_id})")
+    return 0

@@ -1,0 +1,58 @@
+"""Registry helpers that need no server: model URIs, lineage tags, code version."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline.config import config_hash, load_config
+from pipeline.tracking.registry import RegistryError, lineage_tags, parse_model_uri, code_version
+
+
+@pytest.mark.parametrize(
+    "uri, name, version, alias",
+    [
+        ("models:/vit-b16-i21k/3", "vit-b16-i21k", "3", None),
+        ("models:/vit-b16-i21k@champion", "vit-b16-i21k", None, "champion"),
+        ("models:/m@latest", "m", None, "latest"),
+        ("models:/m/latest", "m", None, "latest"),  # MLflow's own form: the highest version
+        ("models:/m@LATEST", "m", None, "latest"),
+    ],
+)
+def test_parse_model_uri(uri, name, version, alias):
+    ref = parse_model_uri(uri)
+    assert (ref.name, ref.version, ref.alias) == (name, version, alias)
+
+
+@pytest.mark.parametrize("bad", ["vit-b16", "models:/", "models:/a/b/c", "models:/a@", "runs:/abc/model", "models:/a/v3"])
+def test_parse_model_uri_rejects_other_forms(bad):
+    with pytest.raises(RegistryError, match=r"models:/NAME/VERSION or models:/NAME@ALIAS"):
+        parse_model_uri(bad)
+
+
+def test_lineage_tags_record_where_a_checkpoint_came_from():
+    cfg = load_config("configs/pretrain/smoke.yaml", ["data.train=s3://b/fmnist/train/manifest.json"])
+
+    class FakeManifest:  # any object with .url and .checksum (the data Manifest's fields)
+        url = "s3://b/fmnist/train/manifest.json"
+        checksum = "sha256:abc"
+
+    tags = lineage_tags(cfg, run_id="r1", step=20, images_seen=1280, dataset=FakeManifest(), extra={"x": 1})
+    assert tags["dataset.url"] == "s3://b/fmnist/train/manifest.json"
+    assert tags["dataset.checksum"] == "sha256:abc"
+    assert tags["steps"] == "20" and tags["images_seen"] == "1280"
+    assert tags["resolution"] == "28" and tags["model.variant"] == "vit_pico4"
+    assert tags["config_hash"] == config_hash(cfg)
+    assert tags["run_id"] == "r1" and tags["x"] == "1"
+    assert all(isinstance(v, str) for v in tags.values())
+    # without a manifest the configured URL is recorded and the checksum says it is unknown
+    bare = lineage_tags(cfg, run_id=None)
+    assert bare["dataset.url"] == cfg.data.train and bare["dataset.checksum"] == "unknown"
+
+
+def test_code_version_starts_with_the_package_version():
+    from pipeline import __version__
+
+    v = code_version()
+    assert v == __version__ or re.fullmatch(re.escape(__version__) + r"\+g[0-9a-f]{12}(\+dirty)?", v)
