@@ -34,7 +34,7 @@ def _plan(args: argparse.Namespace) -> int:
         num_samples, bytes_per_sample = _from_dataset(cfg, num_samples, bytes_per_sample)
     plan = make_plan(
         cfg,
-        gpus=args.gpus or cfg.scaling.num_workers,
+        gpus=args.gpus if args.gpus is not None else cfg.scaling.num_workers,
         gpu_type=args.gpu_type,
         mfu=args.mfu,
         num_samples=num_samples,
