@@ -64,6 +64,13 @@ class TrainConfig(BaseModel):
     fewshot_every: int = Field(0, ge=0, description="few-shot evaluation every K steps; 0 = off")
     fewshot_shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25])
     fewshot_l2: float = Field(1e-3, gt=0, description="ridge regulariser of the closed-form solve")
+    fewshot_name: str | None = Field(
+        None, description="name in the metric fewshot/<name>_<k>shot; null = derived from data.fewshot_train"
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s of one device at the training precision, for MFU; null = detect "
+        "from the GPU name (H100, A100, ...); no MFU on CPU unless set"
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

@@ -1,0 +1,259 @@
+"""Metrics sinks: where the trainer's params, per-step metrics and artifacts go. The trainer only ever talks to a
+`MetricsSink`; MLflow is one implementation (leader-only, lazily imported, non-blocking: a background thread ships
+batches and keeps them buffered while the server is unreachable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.tracking.config import TrackingConfig
+
+__all__ = [
+    "MetricsSink",
+    "NullSink",
+    "StdoutSink",
+    "MlflowSink",
+    "build_sink",
+    "create_run",
+    "end_run",
+    "resolve_tracking_uri",
+    "flatten_params",
+]
+
+log = logging.getLogger(__name__)
+
+# MLflow's log_batch limits (per request)
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_VALUE = 6000
+
+
+class MetricsSink:
+    """The interface; also the null sink (every method does nothing)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Run parameters (nested mappings are flattened to dotted keys)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Scalar metrics at an optimizer step."""
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file or directory; it must exist until `close()` returns."""
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """A JSON artifact (e.g. the generated DeepSpeed config)."""
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Ships what is buffered (waiting at most `timeout_s`) and stops."""
+
+
+class NullSink(MetricsSink):
+    pass
+
+
+class StdoutSink(MetricsSink):
+    """Human-readable lines on stdout (one per logged step)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten_params(params)
+        print(f"[params] {len(flat)} parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())), flush=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        body = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        print(f"[step {step}] {body}", flush=True)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        print(f"[artifact] {path}", flush=True)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        print(f"[artifact] {artifact_file}: {json.dumps(data, sort_keys=True)}", flush=True)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class MlflowSink(MetricsSink):
+    """Logs to one MLflow run through a background thread. Nothing here blocks the training step: calls append to
+    a buffer; the thread ships it every `flush_every_s` and, when the server cannot be reached, keeps it and
+    retries with backoff (so a restarting tracking server costs no metrics)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0):
+        from mlflow.tracking import MlflowClient  # lazy: only the leader that logs needs mlflow
+
+        self.run_id = run_id
+        self._client = MlflowClient(tracking_uri)
+        self._flush_every_s = flush_every_s
+        self._lock = threading.Lock()
+        self._metrics: list[Any] = []
+        self._params: dict[str, str] = {}
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._staging = tempfile.mkdtemp(prefix="vitpipe-sink-")
+        self._failing_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="mlflow-sink", daemon=True)
+        self._thread.start()
+
+    # -- producer side (training thread) -----------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in flatten_params(params).items()}
+        with self._lock:
+            self._params.update(flat)
+        self._wake.set()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key=k, value=float(v), timestamp=now, step=int(step))
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        with self._lock:
+            self._metrics.extend(batch)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        with self._lock:
+            self._artifacts.append((str(path), artifact_path))
+        self._wake.set()
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        dest = Path(self._staging) / artifact_file
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(data, indent=2, sort_keys=True))
+        parent = str(Path(artifact_file).parent)
+        self.log_artifact(dest, None if parent == "." else parent)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        left = self._pending()
+        if left:
+            log.error("mlflow sink: %d items could not be shipped to run %s before close", left, self.run_id)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    # -- background thread -------------------------------------------------------------------------------
+    def _pending(self) -> int:
+        with self._lock:
+            return len(self._metrics) + len(self._params) + len(self._artifacts)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            self._wake.wait(max(self._flush_every_s, backoff))
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            try:
+                self._ship()
+                backoff = 0.0
+                if self._failing_since is not None:
+                    log.warning("mlflow sink: tracking server reachable again; buffered metrics shipped")
+                    self._failing_since = None
+            except Exception as e:  # the server is down or slow: keep the buffer, retry later
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    log.warning("mlflow sink: cannot reach the tracking server (%s); buffering and retrying", e)
+                backoff = min(30.0, max(1.0, backoff * 2))
+                if stopping:
+                    # close(): keep trying until its timeout abandons us (the thread is a daemon)
+                    time.sleep(min(backoff, 2.0))
+                    self._wake.set()
+                    continue
+            if stopping and not self._pending():
+                return
+
+    def _ship(self) -> None:
+        from mlflow.entities import Param
+
+        with self._lock:
+            params, self._params = self._params, {}
+            metrics, self._metrics = self._metrics, []
+            artifacts, self._artifacts = self._artifacts, []
+        try:
+            items = sorted(params.items())
+            while items:
+                chunk, items = items[:_MAX_PARAMS_PER_BATCH], items[_MAX_PARAMS_PER_BATCH:]
+                self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
+                for k, _ in chunk:
+                    params.pop(k)
+            while metrics:
+                chunk = metrics[:_MAX_METRICS_PER_BATCH]
+                self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                metrics = metrics[_MAX_METRICS_PER_BATCH:]
+            while artifacts:
+                path, artifact_path = artifacts[0]
+                if os.path.isdir(path):
+                    self._client.log_artifacts(self.run_id, path, artifact_path)
+                else:
+                    self._client.log_artifact(self.run_id, path, artifact_path)
+                artifacts.pop(0)
+        finally:  # whatever was not shipped goes back in front of what arrived meanwhile
+            with self._lock:
+                self._params = {**params, **self._params}
+                self._metrics = metrics + self._metrics
+                self._artifacts = artifacts + self._artifacts
+
+
+def resolve_tracking_uri(tracking: TrackingConfig) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else a sqlite file in the current directory (made absolute, so that
+    workers with another working directory write to the same database)."""
+    uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    return uri
+
+
+def create_run(tracking: TrackingConfig, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Creates the MLflow run (and the experiment if missing) and returns its id. Called by the driver so that
+    every restart of the worker group logs into the same run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking))
+    exp = client.get_experiment_by_name(tracking.experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(tracking.experiment)
+    run = client.create_run(exp_id, run_name=tracking.run_name or run_name, tags=dict(tags or {}))
+    return run.info.run_id
+
+
+def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
+    """Marks the run finished (or FAILED/KILLED)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(resolve_tracking_uri(tracking)).set_terminated(run_id, status)
+
+
+def build_sink(tracking: TrackingConfig, rank: int, run_id: str | None = None, run_name: str = "vit") -> MetricsSink:
+    """The sink for this rank: only rank 0 logs; the others get a null sink."""
+    if rank != 0 or tracking.sink == "null":
+        return NullSink()
+    if tracking.sink == "stdout":
+        return StdoutSink()
+    if run_id is None:
+        run_id = create_run(tracking, run_name)
+    return MlflowSink(resolve_tracking_uri(tracking), run_id, tracking.flush_every_s)
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"optim": {"lr": 1e-3}}} -> {"train.optim.lr": 1e-3}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key] = v
+    return out

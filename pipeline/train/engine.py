@@ -1,0 +1,115 @@
+"""The DeepSpeed side of training: the DeepSpeed config generated from our typed config, engine construction
+and ZeRO-checkpoint consolidation. This is the only module that imports deepspeed (inside functions)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.train.config import TrainConfig
+from pipeline.train.schedule import lr_lambda
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "gradient_accumulation",
+    "deepspeed_config",
+    "build_engine",
+    "compute_dtype",
+    "consolidate_fp32",
+]
+
+# DeepSpeed prints its timers every `steps_per_print` steps; we log our own metrics instead.
+_QUIET_STEPS = 10**9
+
+
+def gradient_accumulation(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step so that micro_batch x world_size x accumulation == global_batch."""
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    per_step = train.micro_batch * world_size
+    if train.global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch ({train.global_batch}) is not divisible by train.micro_batch "
+            f"({train.micro_batch}) x {world_size} workers = {per_step}; choose scaling.num_workers dividing "
+            f"{train.global_batch // train.micro_batch} or change train.micro_batch"
+        )
+    return train.global_batch // per_step
+
+
+def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `cfg.train` on `world_size` data-parallel ranks. Generated, never written
+    by hand: every value here comes from the typed config (or is a fixed choice explained beside it)."""
+    train: TrainConfig = cfg.train
+    accum = gradient_accumulation(train, world_size)
+    opt = train.optim
+    if opt.name == "adamw":
+        # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam, which JIT-compiles and needs CUDA.
+        optimizer = {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+            },
+        }
+    else:
+        optimizer = {
+            "type": "SGD",  # DeepSpeed falls back to torch.optim.SGD for names it does not implement
+            "params": {"lr": opt.lr, "momentum": opt.momentum, "weight_decay": opt.weight_decay},
+        }
+    zero: dict[str, Any] = {"stage": train.zero.stage}
+    if train.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero.stage == 3:
+        # the final export consolidates the fp32 shards with zero_to_fp32; no 16-bit gather at save time
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds: dict[str, Any] = {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": train.optim.grad_clip,
+        "optimizer": optimizer,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if opt.name == "sgd":
+        ds["zero_allow_untested_optimizer"] = True  # torch.optim.SGD under ZeRO: works, DeepSpeed just warns
+    return ds
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype DeepSpeed keeps the model's weights in (inputs must match)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_engine(model: "nn.Module", cfg: Any, world_size: int, params: list[dict] | None = None):
+    """`deepspeed.initialize` with the generated config and our warmup/decay schedule (a LambdaLR stepped by
+    the engine once per optimizer step). `params`: optimizer parameter groups (default: all trainable)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    factor = lr_lambda(cfg.train.schedule, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=ds,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+    )
+    return engine
+
+
+def consolidate_fp32(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a DeepSpeed checkpoint saved by any number of ranks (ZeRO 1, 2 or 3)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    return {k: v.float().contiguous() for k, v in sd.items()}

@@ -1,0 +1,367 @@
+"""The per-worker training function. Self-contained: it receives a plain dict (validated config + run identity +
+optional init spec / evaluation hooks), builds model, data and DeepSpeed engine itself, and talks to Ray only
+through `train_worker` (report + restore). Every rank runs the same control flow: the same steps, evaluations,
+checkpoints and reports.
+
+Worker dict (built by `pipeline.launch.trainer.worker_config`):
+    config         the resolved config, `model_dump(mode="json")`
+    config_class   "module:Class" that validates it (default pipeline.config:RunConfig)
+    run_id         MLflow run id (null: none / created by the sink); a checkpoint's run id wins on resume
+    init           optional {"checkpoint": dir/URL, "reset_head": bool, "freeze_backbone": bool}
+    eval_hooks     optional list of callables (or "module:function") taking an EvalContext, returning metrics
+    fault          TEST ONLY: {"step", "rank", "marker"}: that rank dies hard (os._exit) after that step, once
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["train_worker", "run_training", "EvalContext", "WorkerSpec", "compute_loss", "build_init_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation hook gets. Hooks run on every rank at the same steps (collectives allowed); only rank
+    0's returned metrics are logged."""
+
+    model: torch.nn.Module
+    step: int
+    rank: int
+    world_size: int
+    cfg: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return _all_reduce_sum(values, self.device)
+
+
+@dataclass
+class WorkerSpec:
+    cfg: Any
+    run_id: str | None = None
+    init: dict | None = None
+    eval_hooks: list[Callable[[EvalContext], Mapping[str, float]]] = field(default_factory=list)
+    fault: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WorkerSpec":
+        from pipeline.config import validate
+
+        config_cls = _import(d.get("config_class") or "pipeline.config:RunConfig")
+        hooks = [_import(h) if isinstance(h, str) else h for h in d.get("eval_hooks") or []]
+        return cls(validate(config_cls, d["config"]), d.get("run_id"), d.get("init"), hooks, d.get("fault"))
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    if not attr:
+        raise ValueError(f"expected 'module:attribute', got {path!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+# -- losses ---------------------------------------------------------------------------------------------------
+def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """softmax: cross-entropy (int labels, or multi-hot turned into a uniform distribution over the positives);
+    sigmoid: per-class binary cross-entropy summed over classes, mean over the batch (big_vision's sigmoid_xent)."""
+    logits = logits.float()
+    if kind == "softmax":
+        if labels.ndim == 2:
+            target = labels.float() / labels.float().sum(1, keepdim=True).clamp_min(1.0)
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, labels)
+    if labels.ndim == 1:
+        labels = F.one_hot(labels, logits.shape[1])
+    return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum") / len(logits)
+
+
+# -- model ------------------------------------------------------------------------------------------------------
+def build_init_model(cfg: Any, init: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The model to train: fresh from cfg.model (seeded), or initialised from a checkpoint in the model's format:
+    position embeddings resampled to cfg.model.image_size, optionally a new zero-initialised head for
+    cfg.model.num_classes (pre-logits dropped) and a frozen backbone (linear probe)."""
+    from pipeline.model import build_model, resample_pos_embed
+
+    torch.manual_seed(cfg.train.seed)
+    if not init or not init.get("checkpoint"):
+        return build_model(cfg.model)
+    from pipeline.model.checkpoint import load_checkpoint
+
+    from pipeline.train.checkpoint import fetch_checkpoint
+
+    with fetch_checkpoint(init["checkpoint"], cfg.storage) as local:
+        sd, ckpt_cfg, _ = load_checkpoint(local)
+    reset_head = bool(init.get("reset_head"))
+    if reset_head:
+        # the checkpoint's head/pre-logits shapes, the run's everything else; the head is replaced below
+        arch = cfg.model.model_copy(update={"num_classes": ckpt_cfg.num_classes, "pre_logits": ckpt_cfg.pre_logits})
+    else:
+        arch = cfg.model
+    model = build_model(arch)
+    if sd["pos_embed"].shape != model.pos_embed.shape:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], model.grid, model.num_prefix_tokens)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"init checkpoint {init['checkpoint']} does not fit model {cfg.model.name}: {e}") from None
+    if reset_head:
+        model.reset_classifier(cfg.model.num_classes, keep_pre_logits=False)
+        if cfg.model.head_bias_init and model.head is not None:
+            torch.nn.init.constant_(model.head.bias, cfg.model.head_bias_init)
+    if init.get("freeze_backbone"):
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    return model
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _fewshot_name(cfg: Any) -> str:
+    if cfg.train.fewshot_name:
+        return cfg.train.fewshot_name
+    parts = [p for p in cfg.data.fewshot_train.split("://")[-1].split("/") if p]
+    # .../<dataset>/train/manifest.json -> <dataset>
+    parts = [p for p in parts if p not in ("manifest.json", "train") and "|" not in p]
+    return parts[-1] if parts else "fewshot"
+
+
+def _grad_norm(engine: Any) -> float | None:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    return float(g.item() if torch.is_tensor(g) else g)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: str | None,
+                 report: Callable[[dict, str | None, int], None]) -> dict[str, Any]:
+    """Trains `spec.cfg` on this rank. `restore_dir`: a complete training checkpoint to continue from.
+    `report(metrics, checkpoint_dir_or_None, step)` is called by every rank at the same steps."""
+    from pipeline.data.loader import build_loader
+    from pipeline.model.flops import forward_flops
+    from pipeline.tracking.sinks import build_sink
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import build_engine, compute_dtype, deepspeed_config, gradient_accumulation
+    from pipeline.train.optim import param_groups
+    from pipeline.train.throughput import mfu, peak_tflops
+
+    cfg, tr = spec.cfg, spec.cfg.train
+    accum = gradient_accumulation(tr, world_size)
+    state: dict[str, Any] = {}
+    if restore_dir is not None:
+        state = ckpt.read_train_state(restore_dir, rank)
+        if state["world_size"] != world_size:
+            raise ValueError(
+                f"checkpoint {restore_dir} was written by {state['world_size']} workers, this run has {world_size}; "
+                "the data-loader position and ZeRO shards are per rank: resume with the same scaling.num_workers"
+            )
+    run_id = state.get("run_id") or spec.run_id
+
+    # On resume the weights come from the training checkpoint; building from the init spec again keeps the same
+    # architecture and frozen set as the first start.
+    model = build_init_model(cfg, spec.init)
+    engine = build_engine(model, cfg, world_size, param_groups(model, tr.optim.weight_decay))
+    device, dtype = engine.device, compute_dtype(tr.precision)
+    start_step = 0
+    if restore_dir is not None:
+        engine.load_checkpoint(restore_dir, tag=state["tag"])
+        start_step = int(state["step"])
+
+    loader_kw = dict(image_size=cfg.model.image_size, in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes)
+    train_loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=tr.micro_batch, train=True,
+                                rank=rank, world_size=world_size, **loader_kw)
+    if state.get("loader") is not None:
+        train_loader.load_state_dict(state["loader"])
+    batches: Iterator[dict] = train_loader.infinite()
+
+    sink = build_sink(cfg.tracking, rank, run_id=run_id, run_name=cfg.name)
+    run_id = sink.run_id or run_id
+    if start_step == 0:
+        sink.log_params(cfg.model_dump(mode="json"))
+        sink.log_dict(deepspeed_config(cfg, world_size), "deepspeed_config.json")
+
+    flops_per_image = 3 * forward_flops(cfg.model)
+    peak = peak_tflops(tr.precision, tr.peak_tflops)
+    loss_fn = lambda logits, y: compute_loss(tr.loss, logits, y)  # noqa: E731
+    last = {"step": start_step, "run_id": run_id}
+
+    def evaluate(step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        module = engine.module
+        if cfg.data.val and (step % tr.eval_every == 0 or step == tr.steps):
+            out.update(_validate(cfg, module, loss_fn, rank, world_size, device, dtype, loader_kw))
+        if cfg.data.fewshot_train and tr.fewshot_every and (step % tr.fewshot_every == 0 or step == tr.steps):
+            out.update(_fewshot(cfg, module, rank, device, dtype, loader_kw))
+        if spec.eval_hooks and (step % tr.eval_every == 0 or step == tr.steps):
+            ctx = EvalContext(module, step, rank, world_size, cfg, device, dtype)
+            for hook in spec.eval_hooks:
+                out.update({k: float(v) for k, v in hook(ctx).items()})
+        return out
+
+    def save(step: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as tmp:
+            ckpt.save_train_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size,
+                                       loader_state=train_loader.state_dict(), run_id=run_id,
+                                       extra={"model": engine.module.cfg.model_dump(mode="json")})
+            report({**metrics, "step": step, "run_id": run_id or ""}, tmp, step)
+
+    window_t = time.perf_counter()
+    window_wait = 0.0
+    window_steps = 0
+    try:
+        for step in range(start_step + 1, tr.steps + 1):
+            torch.manual_seed(tr.seed * 1_000_003 + step * world_size + rank)  # dropout etc.: resume-exact
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for _ in range(accum):
+                t = time.perf_counter()
+                batch = next(batches)
+                window_wait += time.perf_counter() - t
+                x = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
+                y = batch["label"].to(device=device, non_blocking=True)
+                loss = loss_fn(engine(x), y)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().double()
+            loss_global = _all_reduce_sum([float(loss_sum) / accum], device)[0] / world_size
+            if not torch.isfinite(torch.tensor(loss_global)):
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss_global}) at step {step} of run {cfg.name!r}; "
+                    "lower train.optim.lr, raise train.schedule.warmup_steps or use precision bf16/fp32"
+                )
+            window_steps += 1
+            _maybe_die(spec.fault, step, rank)
+
+            metrics: dict[str, float] = {}
+            if step % tr.log_every == 0 or step == tr.steps:
+                dt = time.perf_counter() - window_t
+                counters = train_loader.counters()
+                keys = sorted(counters)
+                summed = _all_reduce_sum([float(counters[k]) for k in keys], device)
+                ips = window_steps * tr.global_batch / dt
+                metrics.update({
+                    "train/loss": loss_global,
+                    "train/lr": float(engine.get_lr()[0]),
+                    "perf/images_per_s": ips,
+                    "perf/step_time_s": dt / window_steps,
+                    "perf/data_wait_fraction": min(1.0, window_wait / dt),
+                    **{f"data/{k}": v for k, v in zip(keys, summed)},
+                })
+                gn = _grad_norm(engine)
+                if gn is not None:
+                    metrics["train/grad_norm"] = gn
+                m = mfu(flops_per_image, ips, peak, world_size)
+                if m is not None:
+                    metrics["perf/mfu"] = m
+            metrics.update(evaluate(step))
+            if metrics:
+                sink.log_metrics(metrics, step)
+            saved = step % tr.checkpoint_every == 0 or step == tr.steps
+            if saved:
+                save(step, metrics)
+            if metrics or saved:  # logging, evaluation and checkpoints stay out of the next throughput window
+                window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            last = {"step": step, "run_id": run_id, **metrics}
+    finally:
+        sink.close()
+        close = getattr(train_loader, "close", None)
+        if close:
+            close()
+    return last
+
+
+def _maybe_die(fault: Mapping[str, Any] | None, step: int, rank: int) -> None:
+    """TEST ONLY fault injection: the chosen rank exits hard once (a marker file remembers it already did)."""
+    if not fault or step != int(fault["step"]) or rank != int(fault.get("rank", 0)):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} after step {step}\n")
+    log.warning("TEST fault injection: rank %d exits hard after step %d", rank, step)
+    os._exit(17)
+
+
+def _validate(cfg, module, loss_fn, rank, world_size, device, dtype, loader_kw) -> dict[str, float]:
+    from pipeline.data.loader import build_loader
+    from pipeline.eval.classify import evaluate_classifier
+
+    loader = build_loader(cfg.data.val, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
+                          rank=rank, world_size=world_size, **loader_kw)
+    sums = evaluate_classifier(module, loader, loss_fn, cfg.train.eval_batches, dtype, device)
+    loss_sum, correct, count = _all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], device)
+    if count == 0:
+        return {}
+    return {"val/loss": loss_sum / count, "val/prec1": correct / count}
+
+
+def _fewshot(cfg, module, rank, device, dtype, loader_kw) -> dict[str, float]:
+    """Every rank extracts the features (under ZeRO-3 the forward pass is collective); rank 0 solves."""
+    from pipeline.data.loader import build_loader
+    from pipeline.eval.fewshot import extract_features, fewshot_accuracy
+
+    feats = {}
+    for split, url in (("train", cfg.data.fewshot_train), ("test", cfg.data.fewshot_test or cfg.data.fewshot_train)):
+        loader = build_loader(url, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
+                              rank=0, world_size=1, drop_last=False, **loader_kw)
+        feats[split] = extract_features(module, loader, dtype, device)
+    if rank != 0:
+        return {}
+    acc = fewshot_accuracy(*feats["train"], *feats["test"], cfg.train.fewshot_shots, cfg.train.fewshot_l2,
+                           cfg.train.seed)
+    name = _fewshot_name(cfg)
+    return {f"fewshot/{name}_{k}shot": v for k, v in acc.items()}
+
+
+# -- Ray entry point --------------------------------------------------------------------------------------------
+def train_worker(config: dict) -> None:
+    """The function every Ray Train worker runs (TorchTrainer's train_loop_per_worker)."""
+    import ray.train
+
+    from pipeline.train.checkpoint import fetch_checkpoint, find_latest_complete, is_complete
+
+    spec = WorkerSpec.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+        from pipeline.train.checkpoint import checkpoint_dir_name
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_dir_name(step) if checkpoint else None)
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        run_training(spec, rank=rank, world_size=world_size, restore_dir=None, report=report)
+        return
+    with restored.as_directory() as local:
+        if is_complete(local):
+            run_training(spec, rank=rank, world_size=world_size, restore_dir=local, report=report)
+            return
+    # Ray registers a checkpoint only once every rank reported it, so this is a damaged copy in storage: fall
+    # back to the newest committed one there.
+    fallback = find_latest_complete(config["run_url"], spec.cfg.storage) if config.get("run_url") else None
+    if fallback is None:
+        raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
+    log.warning("checkpoint %s is incomplete; resuming from %s", restored.path, fallback)
+    with fetch_checkpoint(fallback, spec.cfg.storage) as local:
+        run_training(spec, rank=rank, world_size=world_size, restore_dir=local, report=report)
