@@ -20,6 +20,9 @@ class StorageConfig(BaseModel):
     anon: bool = Field(False, description="anonymous (unsigned) access")
     profile: str | None = Field(None, description="AWS profile name (credentials stay in ~/.aws)")
     max_retries: int = Field(8, ge=0, description="retries on throttling and transient errors")
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard", description="botocore retry mode for S3 requests (adaptive adds client-side rate limiting)"
+    )
     backoff_base_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(10.0, gt=0)
     read_block_size: int = Field(8 * 2**20, gt=0, description="bytes per ranged read when streaming shards")

@@ -1,0 +1,323 @@
+"""The streaming, resumable, per-rank data loader over tar shards.
+
+Each (rank, DataLoader worker) slot reads the run of samples the epoch plan gives it (pipeline.data.plan), shuffles
+them in a bounded buffer whose RNG is seeded by (seed, epoch, slot), decodes + augments, and yields exactly
+`batches_per_slot` batches. Every worker yields the same number of batches, so torch's round-robin over workers
+is a fixed interleaving and every rank yields the same `len(loader)` batches.
+
+Exact resume: each batch carries its worker's position (samples taken out of the shuffle buffer) and batch count;
+the loader records them as batches are handed out. A restored loader replays each worker's stream up to its
+position without decoding (shard bytes are read again, images are not decoded) and rotates the worker roles so
+the next batch comes from the worker whose turn it was. Augmentation is seeded per batch, so images match too.
+A state from a different world size, worker count or batch size cannot be mapped sample-exactly (yet): that
+epoch restarts from its beginning, counters carried over, with a warning.
+
+Bad data is skipped and counted, never fatal: an undecodable image or a missing/malformed label skips the sample;
+a truncated tar yields what it had; an unreadable shard (after storage retries) is skipped (`on_error: fail`
+raises instead). A slot left short of samples reads its runs again (a refill pass) so batch counts never change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from itertools import count
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data.config import DataConfig, StorageConfig
+from pipeline.data.manifest import Manifest, load_dataset_spec
+from pipeline.data.plan import EpochPlan
+from pipeline.data.shards import iter_tar_samples
+from pipeline.data.storage import open_url, retry_counters
+from pipeline.data.transforms import IMAGE_KEYS, build_transform, decode_image, normalize
+
+__all__ = ["build_loader", "StreamingLoader", "COUNTER_NAMES"]
+
+log = logging.getLogger(__name__)
+
+COUNTER_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries")
+_META = 3  # role, position, batches done; counters follow
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class _SlotStream(torch.utils.data.IterableDataset):
+    """What one DataLoader worker runs. Holds no storage client (each process opens its own, lazily)."""
+
+    def __init__(self, *, shards: list[str], plan: EpochPlan, seed: int, epoch: int, rank: int,
+                 positions: list[int], batches_done: list[int], rotation: int, data: DataConfig,
+                 storage: StorageConfig, image_size: int, in_chans: int, train: bool, label_type: str,
+                 num_classes: int | None):
+        self.shards, self.plan, self.seed, self.epoch, self.rank = shards, plan, seed, epoch, rank
+        self.positions, self.batches_done, self.rotation = positions, batches_done, rotation
+        self.data, self.storage = data, storage
+        self.image_size, self.in_chans, self.train = image_size, in_chans, train
+        self.label_type, self.num_classes = label_type, num_classes
+
+    # --- raw samples --------------------------------------------------------------------------------------------
+    def _read_segment(self, shard: int, skip: int, take: int, counters: dict[str, int]) -> Iterator[dict]:
+        url, got = self.shards[shard], 0
+        try:
+            with open_url(url, "rb", self.storage) as f:
+                for sample in iter_tar_samples(f, skip=skip, take=take):
+                    got += 1
+                    yield sample
+        except (tarfile.TarError, EOFError, OSError, ValueError, RuntimeError) as e:
+            if self.data.on_error == "fail":
+                raise RuntimeError(f"unreadable shard {url}: {type(e).__name__}: {e}") from e
+            truncated = got > 0 or isinstance(e, (tarfile.ReadError, EOFError))
+            counters["truncated_shards" if truncated else "skipped_shards"] += 1
+            log.warning("%s shard %s after %d of %d samples: %s: %s", "truncated" if truncated else "unreadable",
+                        url, got, take, type(e).__name__, e)
+        if got < take:
+            counters["skipped_samples"] += take - got
+
+    def _raw(self, role: int, counters: dict[str, int]) -> Iterator[dict]:
+        """Shuffled raw samples of this slot: pass 0 is the plan's run; later passes (only reached when skipped
+        samples left the slot short) read the same run again in another order."""
+        segments = self.plan.segments(self.seed, self.epoch, self.rank, role)
+        slot = self.plan.slot(self.rank, role)
+        rng = random.Random(_seed(self.seed, self.epoch, slot, 1))
+        size = self.data.shuffle_buffer
+        for p in count():
+            segs = segments if p == 0 else random.Random(_seed(self.seed, self.epoch, slot, 2, p)).sample(
+                segments, len(segments))
+            before = counters["skipped_samples"]
+            emitted = 0
+            buf: list[dict] = []
+            for seg in segs:
+                for sample in self._read_segment(*seg, counters):
+                    if size <= 1:
+                        emitted += 1
+                        yield sample
+                        continue
+                    if len(buf) < size:
+                        buf.append(sample)
+                        continue
+                    j = rng.randrange(size)
+                    buf[j], sample = sample, buf[j]
+                    emitted += 1
+                    yield sample
+            rng.shuffle(buf)
+            emitted += len(buf)
+            yield from buf
+            if emitted == 0:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {role}: none of its {len(segs)} shard runs gave a readable sample "
+                    f"({counters['skipped_samples'] - before} skipped); check the shards with `vitpipe shards verify`")
+
+    # --- decoded samples ----------------------------------------------------------------------------------------
+    def _label(self, sample: dict) -> Any:
+        if self.label_type == "multi":
+            labels = json.loads(sample["labels.json"])
+            if not isinstance(labels, list) or not all(isinstance(x, int) for x in labels):
+                raise ValueError(f"labels.json must be a list of ints, got {labels!r:.60}")
+            target = torch.zeros(self.num_classes, dtype=torch.float32)
+            if labels:
+                idx = torch.tensor(labels)
+                if idx.min() < 0 or idx.max() >= self.num_classes:
+                    raise ValueError(f"label outside 0..{self.num_classes - 1}: {labels!r:.60}")
+                target[idx] = 1.0
+            return target
+        label = int(sample["cls"].decode().strip())
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise ValueError(f"label {label} outside 0..{self.num_classes}")
+        return label
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        role = (wid + self.rotation) % self.plan.workers
+        pos, done = self.positions[role], self.batches_done[role]
+        bs, total = self.plan.batch_size, self.plan.batches_per_slot
+        counters = dict.fromkeys(COUNTER_NAMES, 0)
+        start_retries = retry_counters()["retries"]
+        raw = self._raw(role, counters)
+        for _ in range(pos):  # resume: replay the stream without decoding
+            next(raw)
+        counters["retries"] = retry_counters()["retries"] - start_retries
+        base = dict(counters)  # what the replay counted was already counted before the state was taken
+        transform = build_transform(self.image_size, self.train, self.data.augment)
+        slot = self.plan.slot(self.rank, role)
+        while done < total:
+            images, labels, keys = [], [], []
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(self.seed, self.epoch, slot, 3, done))
+                while len(images) < bs:
+                    sample = next(raw)
+                    pos += 1
+                    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                    try:
+                        if data is None:
+                            raise ValueError("no image member")
+                        image = decode_image(data, self.in_chans)
+                    except Exception as e:
+                        counters["bad_images"] += 1
+                        counters["skipped_samples"] += 1
+                        log.debug("skipping sample %s: undecodable image: %s", sample.get("__key__"), e)
+                        continue
+                    try:
+                        label = self._label(sample)
+                    except Exception as e:
+                        counters["bad_labels"] += 1
+                        counters["skipped_samples"] += 1
+                        log.debug("skipping sample %s: bad label: %s", sample.get("__key__"), e)
+                        continue
+                    images.append(transform(image))
+                    labels.append(label)
+                    keys.append(sample["__key__"])
+            done += 1
+            counters["retries"] = retry_counters()["retries"] - start_retries
+            meta = [role, pos, done] + [counters[k] - base[k] for k in COUNTER_NAMES]
+            yield {
+                "image": torch.stack(images),
+                "label": torch.stack(labels) if self.label_type == "multi" else torch.tensor(labels, dtype=torch.int64),
+                "key": keys,
+                "_meta": torch.tensor(meta, dtype=torch.int64),
+            }
+
+
+class StreamingLoader:
+    """Per-rank loader: iterate for one epoch of `len(loader)` batches; state_dict()/load_state_dict() resume
+    exactly (same world size, workers and batch size). See the module docstring."""
+
+    def __init__(self, manifest: Manifest, data: DataConfig, storage: StorageConfig, *, batch_size: int,
+                 image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0, world_size: int = 1,
+                 num_classes: int | None = None, drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if num_classes is None:
+            num_classes = manifest.num_classes
+        elif manifest.num_classes is not None and num_classes < manifest.num_classes:
+            raise ValueError(f"num_classes={num_classes} but dataset {manifest.url} has {manifest.num_classes} "
+                             "classes")
+        if manifest.label_type == "multi" and not num_classes:
+            raise ValueError(f"multi-label dataset {manifest.url}: num_classes is needed for multi-hot labels")
+        self.manifest, self.data, self.storage = manifest, data, storage
+        self.batch_size, self.image_size, self.in_chans, self.train = batch_size, image_size, in_chans, train
+        self.rank, self.world_size, self.num_classes, self.drop_last = rank, world_size, num_classes, drop_last
+        self.plan = EpochPlan(np.asarray(manifest.samples_per_shard), world_size, data.num_workers, batch_size,
+                              drop_last)
+        build_transform(image_size, train, data.augment)  # validate now, not in a worker
+        self.epoch = 0
+        self._reset_epoch_position()
+        self._base_counters = dict.fromkeys(COUNTER_NAMES, 0)
+
+    # --- epochs and state ---------------------------------------------------------------------------------------
+    def _reset_epoch_position(self) -> None:
+        w = self.plan.workers
+        self._batches = 0
+        self._positions, self._worker_batches = [0] * w, [0] * w
+        self._epoch_counters = [dict.fromkeys(COUNTER_NAMES, 0) for _ in range(w)]
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_rank
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to `epoch` (from its start), unless the loader is already in it (e.g. resumed mid-epoch)."""
+        if epoch != self.epoch:
+            self._fold_counters()
+            self.epoch = epoch
+            self._reset_epoch_position()
+
+    def _fold_counters(self) -> None:
+        for c in self._epoch_counters:
+            for k in COUNTER_NAMES:
+                self._base_counters[k] += c[k]
+        self._epoch_counters = [dict.fromkeys(COUNTER_NAMES, 0) for _ in range(self.plan.workers)]
+
+    def counters(self) -> dict[str, int]:
+        """Totals over every worker of this rank since the loader started (or since the restored state)."""
+        out = dict(self._base_counters)
+        for c in self._epoch_counters:
+            for k in COUNTER_NAMES:
+                out[k] += c[k]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1, "epoch": self.epoch, "batches": self._batches, "positions": list(self._positions),
+            "worker_batches": list(self._worker_batches), "counters": self.counters(), "rank": self.rank,
+            "world_size": self.world_size, "num_workers": self.data.num_workers, "batch_size": self.batch_size,
+            "seed": self.data.seed, "manifest_checksum": self.manifest.checksum,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"not a loader state (version 1): {str(state)[:80]}")
+        self._base_counters = {k: int(state.get("counters", {}).get(k, 0)) for k in COUNTER_NAMES}
+        self.epoch = int(state["epoch"])
+        self._reset_epoch_position()
+        same = (state["world_size"], state["num_workers"], state["batch_size"]) == (
+            self.world_size, self.data.num_workers, self.batch_size)
+        if state.get("manifest_checksum") != self.manifest.checksum:
+            log.warning("loader state was taken on another manifest (%s); resuming anyway",
+                        state.get("manifest_checksum"))
+        if state.get("seed") != self.data.seed:
+            log.warning("loader state seed %s differs from data.seed %s", state.get("seed"), self.data.seed)
+        if not same:
+            log.warning("loader state from world_size=%s num_workers=%s batch=%s cannot be mapped exactly to "
+                        "world_size=%s num_workers=%s batch=%s: epoch %d restarts from its beginning",
+                        state["world_size"], state["num_workers"], state["batch_size"], self.world_size,
+                        self.data.num_workers, self.batch_size, self.epoch)
+            return
+        self._batches = int(state["batches"])
+        self._positions = [int(p) for p in state["positions"]]
+        self._worker_batches = [int(b) for b in state["worker_batches"]]
+
+    # --- iteration ----------------------------------------------------------------------------------------------
+    def _dataset(self) -> _SlotStream:
+        return _SlotStream(
+            shards=self.manifest.shards, plan=self.plan, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
+            positions=list(self._positions), batches_done=list(self._worker_batches),
+            rotation=self._batches % self.plan.workers, data=self.data, storage=self.storage,
+            image_size=self.image_size, in_chans=self.in_chans, train=self.train,
+            label_type=self.manifest.label_type, num_classes=self.num_classes)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch (the rest of it, after a restore): `len(self)` batches in total. When the epoch is done the
+        loader moves on to the next one."""
+        if self._batches >= len(self):
+            self.set_epoch(self.epoch + 1)
+        nw = self.data.num_workers
+        loader = torch.utils.data.DataLoader(
+            self._dataset(), batch_size=None, num_workers=nw,
+            prefetch_factor=self.data.prefetch_factor if nw > 0 else None, persistent_workers=False)
+        for batch in loader:
+            meta = batch.pop("_meta").tolist()
+            role = meta[0]
+            self._positions[role], self._worker_batches[role] = meta[1], meta[2]
+            self._epoch_counters[role] = dict(zip(COUNTER_NAMES, meta[_META:]))
+            self._batches += 1
+            batch["image"] = normalize(batch["image"], self.data.augment)
+            yield batch
+        if self._batches >= len(self):
+            self.set_epoch(self.epoch + 1)
+
+    def infinite(self) -> Iterator[dict[str, Any]]:
+        """Batches forever, epoch after epoch."""
+        while True:
+            yield from self
+
+
+def build_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: StorageConfig | None = None, *,
+                 batch_size: int, image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0,
+                 world_size: int = 1, num_classes: int | None = None, drop_last: bool = True) -> StreamingLoader:
+    """Builds this rank's loader. The manifest is read and checked here, before any worker starts."""
+    storage = storage or StorageConfig()
+    manifest = manifest_or_url if isinstance(manifest_or_url, Manifest) else load_dataset_spec(manifest_or_url,
+                                                                                                storage)
+    return StreamingLoader(manifest, data, storage, batch_size=batch_size, image_size=image_size,
+                           in_chans=in_chans, train=train, rank=rank, world_size=world_size,
+                           num_classes=num_classes, drop_last=drop_last)

@@ -1,0 +1,291 @@
+"""One way to reach storage: an fsspec filesystem for s3://, gs://, file:// and plain paths, with counted retries.
+
+Request-level retries (throttling: 503 SlowDown, 5xx, connection errors) are botocore's own
+(`retries={"mode": ..., "max_attempts": ...}`); errors in the middle of a body read are retried here by
+`RetryingReader`, which reopens at the byte it had reached. Both are counted in process-local counters
+(`retry_counters()`). Filesystems are created lazily per process and never pickled: a `Storage` handle drops its
+client in `__getstate__`, so DataLoader and Ray workers each build their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any, Callable
+
+import fsspec
+from fsspec.utils import get_protocol
+
+from pipeline.data.config import StorageConfig
+
+__all__ = [
+    "Storage",
+    "RetryingReader",
+    "get_filesystem",
+    "open_url",
+    "url_join",
+    "retry_counters",
+    "register_wds_opener",
+    "wds_opener",
+]
+
+log = logging.getLogger(__name__)
+
+_COUNTER_NAMES = ("request_retries", "read_retries")
+_counters = dict.fromkeys(_COUNTER_NAMES, 0)
+_counters_lock = threading.Lock()
+_FS_CACHE: dict[tuple, Any] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _count(name: str, n: int = 1) -> None:
+    with _counters_lock:
+        _counters[name] += n
+
+
+def retry_counters() -> dict[str, int]:
+    """Retries made in THIS process so far: request_retries (botocore), read_retries (mid-stream), retries (sum)."""
+    with _counters_lock:
+        out = dict(_counters)
+    out["retries"] = out["request_retries"] + out["read_retries"]
+    return out
+
+
+def _on_after_call(parsed: dict | None = None, **_: Any) -> None:
+    """botocore reports how many times it retried a call (success or final failure) in the response metadata."""
+    attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
+    if attempts:
+        _count("request_retries", attempts)
+        log.info("S3 request succeeded or gave up after %d retries (throttling / transient errors)", attempts)
+
+
+def _storage_key(storage: StorageConfig) -> str:
+    return json.dumps(storage.model_dump(mode="json"), sort_keys=True)
+
+
+def _make_s3(storage: StorageConfig):
+    import s3fs
+    from aiobotocore.session import AioSession
+
+    session = AioSession(profile=storage.profile) if storage.profile else AioSession()
+    session.register("after-call.s3", _on_after_call)
+    client_kwargs: dict[str, Any] = {}
+    # region_name in client_kwargs breaks bucket creation on S3-compatible servers; set it only when asked.
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    fs = s3fs.S3FileSystem(
+        anon=storage.anon,
+        endpoint_url=storage.endpoint_url or None,  # None: botocore reads $AWS_ENDPOINT_URL itself
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"mode": storage.retry_mode, "max_attempts": storage.max_retries + 1}},
+        session=session,
+        default_block_size=storage.read_block_size,
+        skip_instance_cache=True,
+    )
+    # s3fs has its own uncounted retry loop around body reads; RetryingReader does that job, counted.
+    fs.retries = 1
+    return fs
+
+
+def _make_fs(protocol: str, storage: StorageConfig):
+    if protocol in ("s3", "s3a"):
+        return _make_s3(storage)
+    if protocol in ("gs", "gcs"):
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise ValueError("gs:// URLs need the gcsfs package: pip install gcsfs") from None
+        return fsspec.filesystem("gcs", token="anon" if storage.anon else None, skip_instance_cache=True)
+    if protocol in ("file", "local"):
+        return fsspec.filesystem("file", auto_mkdir=True)
+    if protocol == "memory":
+        return fsspec.filesystem("memory")
+    raise ValueError(f"unsupported storage URL scheme {protocol!r}: use s3://, gs://, file:// or a local path")
+
+
+def get_filesystem(url: str, storage: StorageConfig | None = None) -> tuple[Any, str]:
+    """Returns (fsspec filesystem, path inside it) for a URL. Cached per process (and per storage config), so a
+    forked or spawned worker builds its own client on first use."""
+    storage = storage or StorageConfig()
+    protocol = get_protocol(str(url))
+    key = (os.getpid(), protocol, _storage_key(storage))
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        with _FS_LOCK:
+            fs = _FS_CACHE.get(key)
+            if fs is None:
+                fs = _FS_CACHE[key] = _make_fs(protocol, storage)
+    return fs, fs._strip_protocol(str(url))
+
+
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@functools.cache
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException, TimeoutError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        errors.append(FSTimeoutError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _transient_errors()) and not isinstance(exc, _NOT_TRANSIENT)
+
+
+def backoff_s(attempt: int, storage: StorageConfig) -> float:
+    """Full-jitter exponential backoff for attempt 1, 2, ... bounded by storage.backoff_max_s."""
+    return random.uniform(0, min(storage.backoff_max_s, storage.backoff_base_s * 2 ** (attempt - 1)))
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream that survives errors in the middle of a body: it reopens the object and seeks to the
+    byte it had reached, at most `storage.max_retries` times in a row, with backoff. Each retry is counted."""
+
+    def __init__(self, opener: Callable[[], Any], url: str, storage: StorageConfig):
+        super().__init__()
+        self._opener = opener
+        self._url = url
+        self._storage = storage
+        self._f: Any = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _with_retries(self, fn: Callable[[Any], Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                if self._f is None:
+                    self._f = self._opener()
+                    if self._pos:
+                        self._f.seek(self._pos)
+                return fn(self._f)
+            except Exception as e:
+                if not _is_transient(e) or attempt >= self._storage.max_retries:
+                    raise
+                attempt += 1
+                _count("read_retries")
+                delay = backoff_s(attempt, self._storage)
+                log.warning("read of %s failed at byte %d (%s: %s); retry %d/%d in %.2fs", self._url, self._pos,
+                            type(e).__name__, e, attempt, self._storage.max_retries, delay)
+                self._close_inner()
+                time.sleep(delay)
+
+    def readinto(self, b) -> int:
+        def _read(f):
+            data = f.read(len(b))
+            n = len(data)
+            b[:n] = data
+            return n
+
+        n = self._with_retries(_read)
+        self._pos += n
+        return n
+
+    def _close_inner(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # a broken connection may fail to close; it is being replaced anyway
+                pass
+
+    def close(self) -> None:
+        self._close_inner()
+        super().close()
+
+    def __getstate__(self):
+        raise TypeError("an open stream cannot be pickled; pass the URL and StorageConfig instead")
+
+
+def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *, buffer_size: int = 1 << 20):
+    """Opens a URL for reading ("rb": buffered, retrying mid-stream) or writing ("wb": streamed to the destination;
+    on S3 a multipart upload that becomes visible when closed)."""
+    storage = storage or StorageConfig()
+    fs, path = get_filesystem(url, storage)
+    if mode == "rb":
+        # Open once up front so a missing object fails here with FileNotFoundError, not on the first read.
+        first = fs.open(path, "rb")
+        handle = {"first": first}
+
+        def opener():
+            f = handle.pop("first", None)
+            return f if f is not None else fs.open(path, "rb")
+
+        return io.BufferedReader(RetryingReader(opener, url, storage), buffer_size=buffer_size)
+    if mode == "wb":
+        return fs.open(path, "wb")
+    raise ValueError(f"open_url: mode must be 'rb' or 'wb', got {mode!r}")
+
+
+def url_join(base: str, name: str) -> str:
+    """Joins a relative name onto a directory URL (s3://b/dir + x.tar); absolute URLs/paths pass through."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return base.rstrip("/") + "/" + name
+
+
+def parent_url(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+
+
+class Storage:
+    """A picklable handle on storage: carries the config, builds the filesystem lazily in the process that uses it,
+    and drops it when pickled (the pattern of mosaicml/streaming's S3Downloader)."""
+
+    def __init__(self, config: StorageConfig | None = None):
+        self.config = config or StorageConfig()
+        self._pid: int | None = None
+
+    def filesystem(self, url: str) -> tuple[Any, str]:
+        return get_filesystem(url, self.config)
+
+    def open(self, url: str, mode: str = "rb"):
+        return open_url(url, mode, self.config)
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config.model_dump(mode="json")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.config = StorageConfig.model_validate(state["config"])
+        self._pid = None
+
+
+def wds_opener(url: str, mode: str = "rb", bufsize: int = 8192, *, storage: StorageConfig | None = None, **_: Any):
+    """A webdataset gopen handler built on our fsspec storage (retries included)."""
+    return open_url(url, mode, storage)
+
+
+def register_wds_opener(storage: StorageConfig | None = None, schemes: tuple[str, ...] = ("s3", "gs", "gcs")) -> None:
+    """Makes plain `webdataset` open s3:// (and gs://) URLs through our storage layer instead of a CLI."""
+    import importlib
+
+    gopen_module = importlib.import_module("webdataset.gopen")
+    for scheme in schemes:
+        gopen_module.gopen_schemes[scheme] = functools.partial(wds_opener, storage=storage)
