@@ -10,6 +10,7 @@ shapes already match.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,7 @@ def _plots(prep: PreparedTransfer, model, images, cm, outdir: Path) -> list[Path
     return out
 
 
-def _worker_config(prep: PreparedTransfer, run_id: str):
+def _worker_config(prep: PreparedTransfer):
     """The pretraining RunConfig the shared worker runs: the fine-tuning model, the transfer job's sections; the
     worker does not register (the driver does, after the final evaluation, with the source lineage)."""
     from pipeline.config import RunConfig
@@ -212,17 +213,20 @@ def _worker_config(prep: PreparedTransfer, run_id: str):
     )
 
 
-def _finetune(prep: PreparedTransfer, run_id: str) -> Path:
-    """Runs the pretraining worker from the adapted init checkpoint; returns the consolidated final checkpoint."""
+def _finetune(prep: PreparedTransfer) -> Any:
+    """Runs the shared pretraining worker (pipeline.launch.trainer) from the adapted init checkpoint. Returns its
+    PretrainResult: `final_checkpoint` (<storage>/<name>/final) and the MLflow `run_id` it logged to."""
     from pipeline.launch.trainer import run_pretraining
 
     init = {
-        "init_checkpoint": str(prep.init_dir),
+        "checkpoint": str(prep.init_dir),
         "reset_head": False,  # the driver already attached the zero head and resampled the position embedding
         "freeze_backbone": prep.cfg.transfer.mode == "linear_probe",
     }
-    result = run_pretraining(_worker_config(prep, run_id), resume=False, init=init, run_id=run_id)
-    return Path(result.model_dir)
+    result = run_pretraining(_worker_config(prep), resume=False, init=init)
+    if not result.final_checkpoint:
+        raise RuntimeError(f"transfer run {prep.cfg.name}: training reported no final checkpoint")
+    return result
 
 
 def run_transfer(
@@ -234,31 +238,43 @@ def run_transfer(
 
     from pipeline.model.checkpoint import load_model
     from pipeline.tracking.registry import lineage_tags, register_checkpoint, resolve_tracking_uri
-    from pipeline.tracking.sinks import create_run, end_run, flatten_params
+    from pipeline.tracking.sinks import MlflowSink, create_run, end_run, flatten_params
+    from pipeline.train.checkpoint import fetch_checkpoint
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)
     try:
         prep = prepare_transfer(cfg, source=source, workdir=workdir)
         tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
+        prep.cfg = cfg
         client = MlflowClient(tracking_uri)
-        run_id = create_run(cfg.tracking, cfg.name, tags=prep.source_tags)
+        run_id = None
         try:
-            params = flatten_params(cfg.model_dump(mode="json"))
-            params.update({f"resolved.model.{k}": v for k, v in prep.model.model_dump(mode="json").items()})
-            params.update(prep.source_tags)
-            from pipeline.tracking.sinks import MlflowSink
-
-            sink = MlflowSink(tracking_uri, run_id, cfg.tracking.flush_every_s)
-            sink.log_params(params)
-            sink.close()
             if cfg.transfer.mode == "fewshot":
                 model = load_model(prep.init_dir)
-                metrics, cm, images, final_dir = _fewshot(prep, model), None, None, None
+                final_dir = None
+                run_id = create_run(cfg.tracking, cfg.name, tags=prep.source_tags)
+                metrics, cm, images = _fewshot(prep, model), None, None
             else:
-                final_dir = _finetune(prep, run_id)
+                trained = _finetune(prep)
+                # The worker created and finished the run; the driver adds the source link, final evaluation,
+                # figures and registration to it (a run of its own when the worker logged elsewhere).
+                run_id = trained.run_id or create_run(cfg.tracking, cfg.name)
+                for k, v in prep.source_tags.items():
+                    client.set_tag(run_id, k, v)
+                final_dir = Path(workdir / "final")
+                with fetch_checkpoint(trained.final_checkpoint, cfg.storage) as local:
+                    shutil.copytree(local, final_dir, dirs_exist_ok=True)
                 model = load_model(final_dir)
                 metrics, cm, images = _final_eval(prep, model)
+            sink = MlflowSink(tracking_uri, run_id, cfg.tracking.flush_every_s)
+            params = {f"resolved.model.{k}": v for k, v in prep.model.model_dump(mode="json").items()}
+            if cfg.transfer.mode == "fewshot":
+                params.update(flatten_params(cfg.model_dump(mode="json")))
+            params.update({"transfer.source": prep.source.uri, "transfer.mode": cfg.transfer.mode})
+            sink.log_params(params)
+            sink.close()
             step = cfg.train.steps if cfg.transfer.mode != "fewshot" else 0
             for k, v in metrics.items():
                 client.log_metric(run_id, k, v, step=step)
@@ -283,7 +299,8 @@ def run_transfer(
                 )
                 client.set_tag(run_id, "registered_model", f"{registered.name}/{registered.version}")
         except BaseException:
-            end_run(cfg.tracking, run_id, "FAILED")
+            if run_id:
+                end_run(cfg.tracking, run_id, "FAILED")
             raise
         end_run(cfg.tracking, run_id, "FINISHED")
         return TransferResult(run_id, metrics, registered, artifacts, final_dir)

@@ -1,0 +1,122 @@
+"""The model registry against a real `mlflow server` (sqlite store, artifacts proxied to the S3 test server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.model import build_model
+from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.tracking.registry import (
+    RegistryError,
+    describe_model,
+    download_checkpoint,
+    import_weights,
+    list_models,
+    register_checkpoint,
+    resolve_version,
+    set_alias,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pico_checkpoint(tmp_path_factory):
+    model = build_model("vit_pico4", image_size=28, num_classes=10, pre_logits=64)
+    with torch.no_grad():
+        model.head.weight.normal_()  # not the zero init, so a round trip is a real check
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(d, model, extra={"note": "test"})
+    (d / "train_state.rank0.json").write_text("{}")  # a checkpoint folder may hold more; only our 2 files go
+    return d
+
+
+def test_register_resolve_download_round_trip(mlflow_uri, pico_checkpoint, tmp_path):
+    tags = {"dataset.url": "s3://b/fmnist/train/manifest.json", "steps": "20"}
+    v1 = register_checkpoint(pico_checkpoint, name="reg-roundtrip", alias="champion", tags=tags)
+    v2 = register_checkpoint(pico_checkpoint, name="reg-roundtrip", alias="latest", tags=tags)
+    assert (v1.version, v2.version) == ("1", "2")
+    assert v1.source == f"runs:/{v1.run_id}/checkpoint"
+
+    assert resolve_version("models:/reg-roundtrip@champion").version == "1"
+    assert resolve_version("models:/reg-roundtrip@latest").version == "2"  # implicit: the highest version
+    assert resolve_version("models:/reg-roundtrip/2").tags["steps"] == "20"
+
+    local, version = download_checkpoint("models:/reg-roundtrip@champion", tmp_path)
+    assert sorted(p.name for p in local.iterdir()) == ["model.json", "model.safetensors"]
+    sd, cfg, extra = load_checkpoint(local)
+    want, want_cfg, _ = load_checkpoint(pico_checkpoint)
+    assert cfg == want_cfg and extra == {"note": "test"}
+    for k in want:
+        torch.testing.assert_close(sd[k], want[k], rtol=0, atol=0)
+
+    listed = {m["name"]: m for m in list_models()}
+    assert listed["reg-roundtrip"]["latest_version"] == 2
+    assert listed["reg-roundtrip"]["aliases"] == {"champion": "1"}
+    set_alias("reg-roundtrip", 2, "champion")
+    assert describe_model("reg-roundtrip")["aliases"] == {"champion": "2"}
+
+
+def test_unknown_names_versions_and_aliases_list_what_exists(mlflow_uri, pico_checkpoint):
+    register_checkpoint(pico_checkpoint, name="reg-errors", alias="prod")
+    with pytest.raises(RegistryError, match=r"no registered model named 'nope'.*registered models: .*reg-errors"):
+        resolve_version("models:/nope@prod")
+    with pytest.raises(RegistryError, match=r"'reg-errors' has no version 7; versions: 1; aliases: @prod -> 1"):
+        resolve_version("models:/reg-errors/7")
+    with pytest.raises(RegistryError, match=r"has no alias 'staging'; versions: 1; aliases: @prod -> 1"):
+        resolve_version("models:/reg-errors@staging")
+    with pytest.raises(RegistryError, match=r"has no version 9"):
+        set_alias("reg-errors", 9, "prod")
+    with pytest.raises(RegistryError, match=r"MLflow reserves it"):
+        set_alias("reg-errors", 1, "latest")
+
+
+def test_an_entry_that_is_not_our_checkpoint_is_refused_before_download(mlflow_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("foreign") or client.create_experiment("foreign")
+    run_id = client.create_run(getattr(exp, "experiment_id", exp)).info.run_id
+    (tmp_path / "model.pkl").write_bytes(b"not ours")
+    client.log_artifacts(run_id, str(tmp_path), "model")
+    client.create_registered_model("reg-foreign")
+    client.create_model_version("reg-foreign", f"runs:/{run_id}/model", run_id)
+    with pytest.raises(RegistryError, match=r"not a vitpipe checkpoint: missing model.safetensors, model.json; "
+                                            r"it holds: model.pkl"):
+        download_checkpoint("models:/reg-foreign/1", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists() or not any((tmp_path / "dl").iterdir())
+
+
+def test_import_timm_weights_and_the_registry_cli(mlflow_uri, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pipeline.model.weights import export_state_dict
+
+    model = build_model("vit_pico4", image_size=32, num_classes=5)
+    timm_sd = export_state_dict(model.state_dict(), "timm", model.cfg)
+    save_file(timm_sd, str(tmp_path / "pico_timm.safetensors"))
+
+    assert main(["registry", "import", "--source", "timm", str(tmp_path / "pico_timm.safetensors"), "reg-imported",
+                 "--alias", "base"]) == 0
+    assert "registered models:/reg-imported/1" in capsys.readouterr().out
+    v = resolve_version("models:/reg-imported@base")
+    assert v.tags["import.source"] == "timm" and v.tags["model.variant"] == "vit_pico4"
+    assert v.tags["resolution"] == "32" and len(v.tags["import.sha256"]) == 64
+    local, _ = download_checkpoint(v.uri, tmp_path / "dl")
+    sd, cfg, _ = load_checkpoint(local)
+    assert (cfg.name, cfg.image_size, cfg.num_classes) == ("vit_pico4", 32, 5)
+    torch.testing.assert_close(sd["pos_embed"], model.state_dict()["pos_embed"])
+
+    assert main(["registry", "list", "--json"]) == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)}
+    assert "reg-imported" in names
+    assert main(["registry", "show", "reg-imported"]) == 0
+    assert "import.source = timm" in capsys.readouterr().out
+    assert main(["registry", "alias", "reg-imported", "1", "prod"]) == 0
+    assert "models:/reg-imported@prod -> version 1" in capsys.readouterr().out
+    assert main(["registry", "show", "no-such-model"]) == 2
+    assert "registered models:" in capsys.readouterr().err
