@@ -1,0 +1,157 @@
+"""Pretrain a tiny model -> registered with lineage -> transfer from the registry at another resolution -> the
+fine-tuned model registered, linked to its source, with accuracy and figures. Real S3 (moto server), real mlflow
+server, real Ray + DeepSpeed on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE_PRETRAIN = str(ROOT / "configs/pretrain/smoke.yaml")
+SMOKE_TRANSFER = str(ROOT / "configs/transfer/smoke.yaml")
+
+
+def _digits(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits upsampled to 28x28 RGB uint8 (real images, shipped offline)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images[offset:offset + n]).float()[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    img = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0, :, :, None].expand(-1, -1, -1, 3)
+    return img.contiguous().numpy(), d.target[offset:offset + n]
+
+
+@pytest.fixture(scope="module")
+def digits(s3_server, s3_bucket_module):
+    from pipeline.data.shards import write_array_shards
+    from tests.fixtures.s3 import make_storage_config
+
+    storage = make_storage_config(s3_server)
+    names = [str(i) for i in range(10)]
+    out = {}
+    for split, (n, off) in {"train": (320, 0), "test": (160, 1000)}.items():
+        x, y = _digits(n, off)
+        out[split] = write_array_shards(x, y, f"s3://{s3_bucket_module}/digits/{split}", name="digits", split=split,
+                                        class_names=names, samples_per_shard=80, storage=storage)
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_bucket_module(s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="transfer-test")
+    return "transfer-test"
+
+
+@pytest.fixture(scope="module")
+def pretrained(mlflow_server, digits, tmp_path_factory):
+    """A tiny pretraining run (4 steps, 2 workers) that registers vit-smoke and sets @champion."""
+    from pipeline.config import load_config
+    from pipeline.launch.trainer import run_pretraining
+
+    storage = tmp_path_factory.mktemp("pretrain-runs")
+    cfg = load_config(SMOKE_PRETRAIN, [
+        f"data.train={digits['train']}", f"scaling.storage_path={storage}", "train.steps=4",
+        "train.checkpoint_every=4", "tracking.sink=mlflow", f"tracking.tracking_uri={mlflow_server.url}",
+        "tracking.registered_model=vit-smoke", "tracking.register_alias=champion",
+    ])
+    result = run_pretraining(cfg)
+    assert result.registered is not None, "pretraining did not register its final checkpoint"
+    return result
+
+
+def _transfer_args(digits, storage, *extra):
+    return ["transfer", SMOKE_TRANSFER, "--set", f"data.train={digits['train']}", f"data.val={digits['test']}",
+            f"scaling.storage_path={storage}", *extra]
+
+
+def test_pretraining_registers_a_version_with_lineage(pretrained, mlflow_uri):
+    from pipeline.tracking.registry import resolve_version
+
+    v = resolve_version("models:/vit-smoke@champion")
+    assert v.version == pretrained.registered.version and v.run_id == pretrained.run_id
+    for key in ("dataset.url", "dataset.checksum", "steps", "images_seen", "resolution", "config_hash",
+                "code_version", "run_id"):
+        assert v.tags.get(key), f"lineage tag {key} missing: {v.tags}"
+    assert v.tags["resolution"] == "28" and v.tags["steps"] == "4"
+
+
+def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlflow_uri, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.registry import download_checkpoint, resolve_version
+
+    rc = main(_transfer_args(digits, tmp_path / "runs", "tracking.register_alias=candidate",
+              "--from", "models:/vit-smoke@champion"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads(out[out.index("{"):])
+    assert 0.0 <= summary["metrics"]["final/top1"] <= 1.0
+    assert summary["metrics"]["final/eval_images"] == 4 * 16  # transfer.final_eval_batches x micro_batch
+
+    ft = resolve_version("models:/vit-smoke-transfer@candidate")
+    src = resolve_version("models:/vit-smoke@champion")
+    assert ft.tags["source.registered_model"] == "vit-smoke" and ft.tags["source.version"] == src.version
+    assert ft.tags["source.run_id"] == src.run_id and ft.tags["resolution"] == "32"
+    assert ft.run_id == summary["run_id"]
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["source.registered_model"] == "vit-smoke"
+    assert run.data.tags["source.version"] == src.version
+    assert run.data.metrics["final/top1"] == summary["metrics"]["final/top1"]
+    assert run.data.params["train.optim.name"] == "sgd"
+    pngs = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
+    assert pngs == {"plots/attention_rollout.png", "plots/pos_embed_similarity.png", "plots/confusion_matrix.png"}
+    local = client.download_artifacts(summary["run_id"], "plots/attention_rollout.png", str(tmp_path))
+    assert Path(local).read_bytes()[:4] == b"\x89PNG"
+
+    # the fine-tuned checkpoint: 32 px (8x8 grid + class token), 10-class head, no pre-logits
+    from pipeline.model.checkpoint import load_checkpoint
+
+    sd, cfg, _ = load_checkpoint(download_checkpoint(ft.uri, tmp_path / "ft")[0])
+    assert (cfg.image_size, cfg.num_classes, cfg.pre_logits) == (32, 10, None)
+    assert sd["pos_embed"].shape[1] == 1 + 8 * 8 and "pre_logits.fc.weight" not in sd
+
+
+def test_fewshot_mode_needs_no_training(pretrained, digits, mlflow_uri, tmp_path, capsys):
+    rc = main(_transfer_args(digits, tmp_path / "runs", "transfer.mode=fewshot", "train.fewshot_shots=[1,5]",
+                             "transfer.keep_pre_logits=true", "--from", "models:/vit-smoke/1"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    metrics = json.loads(out[out.index("{"):])["metrics"]
+    assert set(metrics) == {"fewshot/1shot", "fewshot/5shot"}
+    assert all(0.0 <= a <= 1.0 for a in metrics.values())
+    assert not (tmp_path / "runs").exists()  # no worker, no training run
+
+
+@pytest.mark.parametrize(
+    "source, extra, message",
+    [
+        ("models:/no-such-model@champion", [], r"no registered model named 'no-such-model'.*registered models: .*vit-smoke"),
+        ("models:/vit-smoke/99", [], r"'vit-smoke' has no version 99; versions: .*aliases: @champion"),
+        ("models:/vit-smoke@nightly", [], r"has no alias 'nightly'"),
+        ("vit-smoke", [], r"is not models:/NAME/VERSION or models:/NAME@ALIAS"),
+        ("models:/vit-smoke@champion", ["model.image_size=30"], r"image_size 30 is not a multiple of .*patch size 4"),
+        ("models:/vit-smoke@champion", ["model.num_classes=5"], r"has 10 classes but model.num_classes is 5"),
+    ],
+)
+def test_bad_input_is_refused_before_any_worker_starts(pretrained, digits, mlflow_uri, tmp_path, capsys, source,
+                                                       extra, message):
+    import re
+
+    rc = main(_transfer_args(digits, tmp_path / "runs", *extra, "--from", source))
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
