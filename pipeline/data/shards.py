@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -31,7 +32,6 @@ __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samp
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 1_000_000_000
-_TAR_OVERHEAD = 3 * 1024  # headers + padding of the ~3 members of one sample
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _write_one_shard(source: Source, start: int, stop: int, url: str, opts: Enco
     written = skipped = 0
     sink = _HashingWriter(open_url(url, "wb", storage))
     try:
-        with wds.TarWriter(sink, encoder=False, mtime=0.0) as tw:
+        with wds.TarWriter(sink, encoder=False, mtime=0) as tw:
             for i in range(start, stop):
                 try:
                     sample = _sample_dict(source.item(i), opts, source.label_type)
@@ -145,13 +145,18 @@ def _write_shard_range(source: Source, shard_ids: list[int], bounds: list[tuple[
             for s, (a, b) in zip(shard_ids, bounds)]
 
 
+def _tar_bytes(sample: dict[str, Any]) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member plus its data padded to 512."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
 def _estimate_samples_per_shard(source: Source, opts: EncodeOptions, shard_bytes: int, probe: int = 32) -> int:
     n = min(len(source), probe)
     idx = np.linspace(0, len(source) - 1, n).astype(int) if n else []
     sizes = []
     for i in idx:
         try:
-            sizes.append(len(encode_item(source.item(int(i)), opts)[0]) + _TAR_OVERHEAD)
+            sizes.append(_tar_bytes(_sample_dict(source.item(int(i)), opts, source.label_type)))
         except Exception:
             continue
     mean = float(np.mean(sizes)) if sizes else 100_000.0
@@ -222,11 +227,13 @@ def write_shards(source: Source, dest: str, *, name: str = "dataset", split: str
 
 
 def _write_with_ray(source, bounds, dest, prefix, encode, storage, ray_tasks, progress) -> list[dict[str, Any]]:
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: stay on 127.0.0.1
     import ray
     from tqdm.auto import tqdm
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     tasks = ray_tasks or max(1, min(len(bounds), int(ray.available_resources().get("CPU", 1)) * 2))
     groups = [list(range(len(bounds)))[g::tasks] for g in range(tasks)]
     groups = [g for g in groups if g]

@@ -1,0 +1,115 @@
+"""`vitpipe shards write|inspect|verify`: turn an image source into tar shards + manifest, look at them, check them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+__all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write"]
+
+log = logging.getLogger(__name__)
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage (credentials come from the standard AWS environment / profiles)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    g.add_argument("--region", help="S3 region (default: $AWS_DEFAULT_REGION / profile)")
+    g.add_argument("--profile", help="AWS profile name")
+    g.add_argument("--anon", action="store_true", help="anonymous (unsigned) access")
+
+
+def storage_from_args(args: argparse.Namespace):
+    from pipeline.data.config import StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile, anon=args.anon)
+
+
+def add_write_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="ImageFolder dir, IDX images file (with --labels), or a .csv/.parquet/.jsonl table")
+    p.add_argument("dest", help="destination folder URL (s3://bucket/ds/train or a local dir)")
+    p.add_argument("--labels", help="IDX labels file (for an IDX images source)")
+    p.add_argument("--kind", default="auto", choices=["auto", "imagefolder", "idx", "table"])
+    p.add_argument("--name", default="dataset", help="dataset name recorded in the manifest")
+    p.add_argument("--split", default="train")
+    p.add_argument("--prefix", help="shard file prefix (default: the split)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="samples per shard")
+    size.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (default 1e9)")
+    p.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this (JPEG)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
+    p.add_argument("--raw-format", default="png", choices=["png", "jpg"], help="encoding of raw pixels (IDX)")
+    p.add_argument("--class-names", help="comma-separated class names (default: folder names / label values)")
+    p.add_argument("--ray", action="store_true", help="write shards in parallel as Ray tasks")
+    p.add_argument("--ray-tasks", type=int, help="number of Ray tasks (default: 2 x cluster CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(p)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="write, inspect and verify WebDataset tar shards")
+    ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+    w = ssub.add_parser("write", help="write a source as tar shards + manifest.json (written last, atomically)")
+    add_write_args(w)
+    w.set_defaults(func=run_write)
+    i = ssub.add_parser("inspect", help="summarise a dataset (manifest URL or 'pattern|N') and show a few samples")
+    i.add_argument("dataset")
+    i.add_argument("--samples", type=int, default=3, help="samples of the first shard to list")
+    add_storage_args(i)
+    i.set_defaults(func=_inspect)
+    v = ssub.add_parser("verify", help="check every shard's size, sha256 and sample count against the manifest")
+    v.add_argument("dataset")
+    v.add_argument("--no-count", action="store_true", help="skip counting samples (checksums only)")
+    add_storage_args(v)
+    v.set_defaults(func=_verify)
+
+
+def run_write(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import EncodeOptions, write_shards
+    from pipeline.data.sources import open_source
+
+    storage = storage_from_args(args)
+    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    source = open_source(args.source, labels=args.labels, kind=args.kind, class_names=class_names, storage=storage)
+    encode = EncodeOptions(max_side=args.max_side, quality=args.quality, reencode=args.reencode,
+                           raw_format=args.raw_format)
+    url = write_shards(source, args.dest, name=args.name, split=args.split, prefix=args.prefix,
+                       samples_per_shard=args.samples_per_shard, shard_bytes=int(args.shard_bytes), encode=encode,
+                       storage=storage, use_ray=args.ray, ray_tasks=args.ray_tasks, progress=not args.no_progress)
+    print(url)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.data.manifest import load_dataset_spec
+    from pipeline.data.shards import iter_tar_samples
+    from pipeline.data.storage import open_url
+
+    storage = storage_from_args(args)
+    m = load_dataset_spec(args.dataset, storage)
+    summary = {"url": m.url, "name": m.name, "split": m.split, "shards": m.num_shards, "samples": m.num_samples,
+               "label_type": m.label_type, "num_classes": m.num_classes,
+               "class_names": (m.class_names or [])[:20], "bytes_per_sample": m.bytes_per_sample,
+               "first_shard": m.shards[0], "last_shard": m.shards[-1]}
+    print(json.dumps(summary, indent=1))
+    if args.samples > 0:
+        with open_url(m.shards[0], "rb", storage) as f:
+            for s in iter_tar_samples(f, take=args.samples):
+                parts = {k: (len(v) if k not in ("cls", "json", "labels.json") else v.decode()[:120])
+                         for k, v in s.items() if k != "__key__"}
+                print(f"{s['__key__']}: {parts}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import verify_shards
+
+    problems = verify_shards(args.dataset, storage_from_args(args), count_samples=not args.no_count)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset}")
+        return 1
+    print(f"ok  {args.dataset}")
+    return 0
