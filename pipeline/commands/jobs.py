@@ -1,0 +1,88 @@
+"""`vitpipe jobs list|status|logs|stop`: inspect and control jobs on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["register"]
+
+
+def _reported(fn):
+    """An unreachable or refusing cluster is explained in one line (exit 2), not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ConnectionError, RuntimeError) as e:
+            if getattr(args, "verbose", False):
+                raise
+            print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    jsub = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    ls = jsub.add_parser("list", help="all jobs with their status")
+    ls.add_argument("--json", action="store_true")
+    st = jsub.add_parser("status", help="one job's details (runtime env redacted); exit 0 SUCCEEDED, 1 FAILED/STOPPED")
+    st.add_argument("job_id")
+    st.add_argument("--json", action="store_true")
+    lg = jsub.add_parser("logs", help="a job's logs")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", action="store_true", help="stream until the job ends; exit code = its status")
+    sp = jsub.add_parser("stop", help="stop a running job")
+    sp.add_argument("job_id")
+    sp.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    for q, fn in ((ls, _list), (st, _status), (lg, _logs), (sp, _stop)):
+        q.add_argument("--address", help="Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+        q.set_defaults(func=_reported(fn))
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit as S
+
+    rows = S.list_jobs(S.job_client(args.address))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in sorted(rows, key=lambda r: r["start_time"] or 0):
+        print(f"{r['submission_id'] or '-':<28} {r['status']:<10} {r['entrypoint']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit as S
+
+    d = S.job_details(S.job_client(args.address), args.job_id)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
+    return 0 if d["status"] == "SUCCEEDED" else (1 if d["status"] in S.TERMINAL else 3)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit as S
+
+    client = S.job_client(args.address)
+    if args.follow:
+        return S.exit_code(S.follow(client, args.job_id, out=sys.stdout))
+    sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit as S
+
+    client = S.job_client(args.address)
+    client.stop_job(args.job_id)
+    print(f"stop requested: {args.job_id}")
+    if args.wait:
+        print(f"{args.job_id}: {S.wait(client, args.job_id, timeout_s=120)}")
+    return 0

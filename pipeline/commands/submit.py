@@ -1,0 +1,94 @@
+"""`vitpipe submit pretrain|transfer|shards|command`: run a job on a Ray cluster via the Job Submission SDK."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.commands import add_config_args
+
+__all__ = ["register"]
+
+
+def _reported(fn):
+    """An unreachable or refusing cluster is explained in one line (exit 2), not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ConnectionError, RuntimeError) as e:
+            if getattr(args, "verbose", False):
+                raise
+            print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--no-working-dir", dest="working_dir", action="store_false",
+                   help="do not upload the project: the cluster image has vitpipe installed")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 if it SUCCEEDED, else 1")
+    p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print what would be submitted")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (config validated locally first)")
+    ksub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    pre = ksub.add_parser("pretrain", help="python -m jobs.pretrain CONFIG [--set ...] [--resume]")
+    add_config_args(pre)
+    pre.add_argument("--resume", action="store_true", help="resume from the run's latest committed checkpoint")
+    _common(pre)
+
+    tr = ksub.add_parser("transfer", help="python -m jobs.transfer CONFIG --from models:/NAME@ALIAS [--set ...]")
+    add_config_args(tr)
+    tr.add_argument("--from", dest="source", required=True, help="pretrained model: models:/NAME@ALIAS or a path")
+    _common(tr)
+
+    sh = ksub.add_parser("shards", help="python -m jobs.make_shards ARGS... (arguments after -- are passed through)")
+    sh.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments of jobs.make_shards, after --")
+    _common(sh)
+
+    cmd = ksub.add_parser("command", help="any entrypoint, after --, with the same working dir and environment")
+    cmd.add_argument("job_args", nargs=argparse.REMAINDER, help="the entrypoint, after --")
+    _common(cmd)
+    for sp in (pre, tr, sh, cmd):
+        sp.set_defaults(func=_reported(_submit))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.launch import submit as S
+
+    job_args = [a for a in getattr(args, "job_args", []) or []]
+    if job_args and job_args[0] == "--":
+        job_args = job_args[1:]
+    if args.kind == "pretrain" and args.resume:
+        job_args.append("--resume")
+    if args.kind == "transfer":
+        job_args += ["--from", args.source]
+    sub = S.build_submission(
+        args.kind, getattr(args, "config", []) or [], getattr(args, "overrides", []) or [],
+        job_args=job_args, working_dir=args.working_dir,
+    )
+    address = args.address or S.default_address() or "(none)"
+    print(f"address:     {address}")
+    print(f"entrypoint:  {sub.entrypoint}")
+    shown = S.redact(sub.runtime_env)
+    if "working_dir" in shown:
+        print(f"working_dir: {shown.pop('working_dir')} (excluding {' '.join(shown.pop('excludes', []))})")
+    print("runtime_env: " + json.dumps(shown, indent=2, sort_keys=True))
+    if args.dry_run:
+        return 0
+    client = S.job_client(args.address)
+    job_id = S.submit(client, sub, args.submission_id)
+    print(f"submitted:   {job_id}", flush=True)
+    if not args.follow:
+        print(f"follow with: vitpipe jobs logs {job_id} --follow --address {address}")
+        return 0
+    status = S.follow(client, job_id, out=sys.stdout, scrub=S.secret_scrubber(sub.runtime_env))
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return S.exit_code(status)

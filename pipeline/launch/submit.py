@@ -1,0 +1,257 @@
+"""Submitting our jobs to a Ray cluster through Ray's Job Submission SDK.
+
+A submission = an entrypoint (`python -m jobs.pretrain CONFIG ...`) + a runtime environment: the project as
+`working_dir` (or nothing, when the cluster image has the package installed) and the storage/MLflow settings of
+the submitter's environment as env vars. Configs are validated here, before anything is uploaded. Credentials
+travel only inside the runtime environment; everything printed goes through `redact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+__all__ = [
+    "PROJECT_DIR", "JOB_MODULES", "FORWARDED_ENV", "WORKING_DIR_EXCLUDES", "Submission", "build_submission",
+    "runtime_env_for", "redact", "secret_scrubber", "default_address", "job_client", "submit", "follow", "wait",
+    "TERMINAL", "exit_code", "list_jobs", "job_details", "format_env",
+]
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+JOB_MODULES = {"pretrain": "jobs.pretrain", "transfer": "jobs.transfer", "shards": "jobs.make_shards"}
+# Forwarded from the submitter's environment when set. Names with a _SECRET_WORDS word are redacted on print.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME",
+)
+_SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "CREDENTIAL", "AUTH"}
+# Patterns are gitignore-style relative to the project root; anchored with "/" so that e.g. pipeline/data/ stays.
+WORKING_DIR_EXCLUDES = [
+    "/.venv", "/.git", "/runs", "/data", "/mlruns", "/mlartifacts", "/mlflow.db", "/.vitpipe-stack",
+    "/.pytest_cache", "/build", "/dist", "*.egg-info", "__pycache__", "*.pyc", "*.safetensors", "*.tar",
+    "*.ckpt", "*.pt",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class Submission:
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: Any = None  # the validated config, when the job takes one
+
+
+def _is_secret(name: str) -> bool:
+    """AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_TOKEN... (by word, so TOKENIZERS_* is not)."""
+    return bool(_SECRET_WORDS & set(name.upper().split("_")))
+
+
+def redact(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to print: values of secret-looking env vars become '***'."""
+    out = dict(runtime_env)
+    if "env_vars" in out:
+        out["env_vars"] = {k: ("***" if _is_secret(k) else v) for k, v in out["env_vars"].items()}
+    return out
+
+
+def runtime_env_for(
+    *, working_dir: bool = True, project_dir: Path = PROJECT_DIR, environ: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    env_vars = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env_vars.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env_vars.update(extra_env or {})
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if working_dir:
+        runtime_env["working_dir"] = str(project_dir)
+        runtime_env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    return runtime_env
+
+
+def _project_path(path: str, project_dir: Path, working_dir: bool) -> str:
+    """A config path as the job will see it: relative to the project root (the job's working dir)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    resolved = p.resolve()
+    try:
+        rel = resolved.relative_to(project_dir.resolve())
+    except ValueError:
+        if not working_dir:
+            return str(path)  # an installed package: the path must exist on the cluster as given
+        raise ValueError(
+            f"config {path} is outside the project dir {project_dir}: only files inside it are uploaded with the "
+            "job; copy it under configs/ (or use --no-working-dir with a path that exists on the cluster)"
+        ) from None
+    return rel.as_posix()
+
+
+def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
+    from pipeline.config import RunConfig, load_config
+
+    if kind == "pretrain":
+        return load_config(configs, overrides, RunConfig)
+    from pipeline.commands.config import config_class
+
+    cls = config_class(configs)
+    if cls is RunConfig:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{configs[-1]}: a transfer config needs a `transfer:` section")
+    return load_config(configs, overrides, cls)
+
+
+def build_submission(
+    kind: str,
+    configs: list[str] = (),
+    overrides: list[str] = (),
+    *,
+    job_args: list[str] = (),
+    working_dir: bool = True,
+    project_dir: Path = PROJECT_DIR,
+    environ: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+    python: str = "python",
+) -> Submission:
+    """Validates the config locally and builds entrypoint + runtime env. kind: pretrain | transfer | shards
+    (shards passes `job_args` through to `jobs.make_shards`) | command (`job_args` is the whole entrypoint)."""
+    runtime_env = runtime_env_for(working_dir=working_dir, project_dir=project_dir, environ=environ,
+                                  extra_env=extra_env)
+    metadata = {"vitpipe_kind": kind}
+    cfg = None
+    if kind == "command":
+        if not job_args:
+            raise ValueError("submit command: give the entrypoint after --, e.g. -- python -c 'print(1)'")
+        entrypoint = shlex.join(job_args)
+    elif kind in ("pretrain", "transfer"):
+        if not configs:
+            raise ValueError(f"submit {kind}: give a config file")
+        paths = [_project_path(c, project_dir, working_dir) for c in configs]
+        cfg = _validate(kind, list(configs), list(overrides))
+        parts = [python, "-m", JOB_MODULES[kind], *paths]
+        if overrides:
+            parts += ["--set", *overrides]
+        entrypoint = shlex.join([*parts, *job_args])
+        metadata["config"] = ",".join(paths)
+        metadata["run_name"] = str(getattr(cfg, "name", ""))
+    elif kind == "shards":
+        entrypoint = shlex.join([python, "-m", JOB_MODULES[kind], *configs, *job_args])
+    else:
+        raise ValueError(f"unknown job kind {kind!r}: one of pretrain, transfer, shards, command")
+    return Submission(entrypoint, runtime_env, metadata, cfg)
+
+
+def _auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Ray 2.60 clusters use token auth by default. The token comes from $RAY_AUTH_TOKEN, the file at
+    $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (unless RAY_AUTH_MODE=disabled); sent as a bearer header."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def default_address(environ: dict[str, str] | None = None) -> str | None:
+    environ = os.environ if environ is None else environ
+    for key in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = environ.get(key, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return None
+
+
+def job_client(address: str | None = None):
+    """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265; default $RAY_API_SERVER_ADDRESS)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or default_address()
+    if not address:
+        raise ValueError(
+            "no Ray address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS "
+            "(`eval $(vitpipe stack env)` sets it for the local stack)"
+        )
+    return JobSubmissionClient(address, headers=_auth_headers())
+
+
+def submit(client, sub: Submission, submission_id: str | None = None) -> str:
+    return client.submit_job(
+        entrypoint=sub.entrypoint, runtime_env=sub.runtime_env, metadata=sub.metadata, submission_id=submission_id
+    )
+
+
+def wait(client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+    """Polls until the job is terminal; returns its status name."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def follow(client, job_id: str, out: TextIO = sys.stdout, scrub: Callable[[str], str] | None = None) -> str:
+    """Streams the job's logs to `out` until it ends; returns the final status name."""
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(scrub(chunk) if scrub else chunk)
+            out.flush()
+
+    asyncio.run(_tail())
+    return wait(client, job_id)
+
+
+def exit_code(status: str) -> int:
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def secret_scrubber(runtime_env: dict[str, Any]) -> Callable[[str], str]:
+    """Replaces the values of the secret env vars we sent, should a job print them."""
+    values = [v for k, v in runtime_env.get("env_vars", {}).items() if _is_secret(k) and len(v) >= 4]
+
+    def scrub(text: str) -> str:
+        for v in values:
+            text = text.replace(v, "***")
+        return text
+
+    return scrub
+
+
+def list_jobs(client) -> list[dict[str, Any]]:
+    rows = []
+    for job in client.list_jobs():
+        rows.append({
+            "submission_id": job.submission_id, "status": str(job.status.value), "entrypoint": job.entrypoint,
+            "start_time": job.start_time, "end_time": job.end_time, "message": job.message,
+        })
+    return rows
+
+
+def job_details(client, job_id: str) -> dict[str, Any]:
+    info = client.get_job_info(job_id)
+    return {
+        "submission_id": info.submission_id, "status": str(info.status.value), "entrypoint": info.entrypoint,
+        "message": info.message, "start_time": info.start_time, "end_time": info.end_time,
+        "metadata": info.metadata, "runtime_env": redact(info.runtime_env or {}),
+        "driver_exit_code": getattr(info, "driver_exit_code", None),
+    }
+
+
+def format_env(env: dict[str, str], keys: Iterable[str] | None = None) -> str:
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items() if keys is None or k in keys)
