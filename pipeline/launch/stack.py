@@ -523,7 +523,9 @@ def _resolve_ports(ports: dict[str, int], host: str, names: list[str]) -> None:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Free for a server: like the servers we start, SO_REUSEADDR, so TIME_WAIT leftovers do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
