@@ -76,6 +76,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
             counters["truncated_shards" if truncated else "skipped_shards"] += 1
             log.warning("%s shard %s after %d of %d samples: %s: %s", "truncated" if truncated else "unreadable",
                         url, got, take, type(e).__name__, e)
+        else:
+            if got < take:  # the tar ended cleanly but early (cut at a member boundary, or a short shard)
+                counters["truncated_shards"] += 1
+                log.warning("shard %s ended after %d of the %d samples planned", url, got, take)
         if got < take:
             counters["skipped_samples"] += take - got
 

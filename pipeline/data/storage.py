@@ -42,6 +42,7 @@ _counters = dict.fromkeys(_COUNTER_NAMES, 0)
 _counters_lock = threading.Lock()
 _FS_CACHE: dict[tuple, Any] = {}
 _FS_LOCK = threading.Lock()
+_SESSIONS: dict[str, Any] = {}
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -73,8 +74,12 @@ def _make_s3(storage: StorageConfig):
     import s3fs
     from aiobotocore.session import AioSession
 
-    session = AioSession(profile=storage.profile) if storage.profile else AioSession()
-    session.register("after-call.s3", _on_after_call)
+    # One botocore session per config, shared by forked workers: its loaded service models make a worker's client
+    # cheap to build. The client itself (and its connections) is per process.
+    session = _SESSIONS.get(_storage_key(storage))
+    if session is None:
+        session = _SESSIONS[_storage_key(storage)] = AioSession(profile=storage.profile) if storage.profile else AioSession()
+        session.register("after-call.s3", _on_after_call)
     client_kwargs: dict[str, Any] = {}
     # region_name in client_kwargs breaks bucket creation on S3-compatible servers; set it only when asked.
     if storage.region:
@@ -199,7 +204,7 @@ class RetryingReader(io.RawIOBase):
 
     def readinto(self, b) -> int:
         def _read(f):
-            data = f.read(len(b))
+            data = f.read(min(len(b), self._storage.read_block_size))
             n = len(data)
             b[:n] = data
             return n
