@@ -69,15 +69,25 @@ def run_url(cfg: Any) -> str:
 
 
 def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig: object stores go through our fsspec filesystem
+    """(storage_path, storage_filesystem) for Ray's RunConfig: object stores go through an fsspec filesystem
     wrapped for pyarrow (path without the scheme); local directories are made absolute."""
     if "://" not in storage_path or storage_path.startswith("file://"):
         return os.path.abspath(storage_path.removeprefix("file://")), None
+    import fsspec
     import pyarrow.fs
 
-    from pipeline.data.storage import get_filesystem
-
-    fs, path = get_filesystem(storage_path, storage)
+    protocol, path = storage_path.split("://", 1)
+    if protocol in ("s3", "s3a"):
+        # A plain s3fs instance, not pipeline.data.storage's cached one: Ray pickles this filesystem into its
+        # controller and workers, and fsspec filesystems pickle as their constructor arguments.
+        client_kwargs = {"region_name": storage.region} if storage.region else {}
+        fs = fsspec.filesystem(
+            "s3", anon=storage.anon, endpoint_url=storage.endpoint_url or None, profile=storage.profile,
+            client_kwargs=client_kwargs, skip_instance_cache=True,
+            config_kwargs={"retries": {"mode": "standard", "max_attempts": storage.max_retries + 1}},
+        )
+    else:
+        fs = fsspec.filesystem(protocol)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

@@ -54,6 +54,10 @@ class MetricsSink:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON artifact (e.g. the generated DeepSpeed config)."""
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Waits (at most `timeout_s`) until what was logged so far is shipped; True if it was."""
+        return True
+
     def close(self, timeout_s: float = 60.0) -> None:
         """Ships what is buffered (waiting at most `timeout_s`) and stops."""
 
@@ -103,6 +107,7 @@ class MlflowSink(MetricsSink):
         self._stop = threading.Event()
         self._staging = tempfile.mkdtemp(prefix="vitpipe-sink-")
         self._failing_since: float | None = None
+        self._shipping = False
         self._thread = threading.Thread(target=self._run, name="mlflow-sink", daemon=True)
         self._thread.start()
 
@@ -136,6 +141,15 @@ class MlflowSink(MetricsSink):
         dest.write_text(json.dumps(data, indent=2, sort_keys=True))
         parent = str(Path(artifact_file).parent)
         self.log_artifact(dest, None if parent == "." else parent)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self._pending() or self._shipping:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            self._wake.set()
+            time.sleep(0.02)
+        return True
 
     def close(self, timeout_s: float = 60.0) -> None:
         self._stop.set()
@@ -183,6 +197,7 @@ class MlflowSink(MetricsSink):
             params, self._params = self._params, {}
             metrics, self._metrics = self._metrics, []
             artifacts, self._artifacts = self._artifacts, []
+            self._shipping = True
         try:
             items = sorted(params.items())
             while items:
@@ -206,6 +221,7 @@ class MlflowSink(MetricsSink):
                 self._params = {**params, **self._params}
                 self._metrics = metrics + self._metrics
                 self._artifacts = artifacts + self._artifacts
+                self._shipping = False
 
 
 def resolve_tracking_uri(tracking: TrackingConfig) -> str:

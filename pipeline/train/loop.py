@@ -218,6 +218,9 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         return out
 
     def save(step: int, metrics: dict) -> None:
+        # metrics up to a checkpoint are as durable as the checkpoint (a restart resumes after it and would
+        # not log them again); bounded, so an unreachable tracking server does not stall training
+        sink.flush(timeout_s=10.0)
         with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as tmp:
             ckpt.save_train_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size,
                                        loader_state=train_loader.state_dict(), run_id=run_id,

@@ -1,0 +1,244 @@
+"""Real distributed pretraining: Ray Train (local cluster on 127.0.0.1) + DeepSpeed ZeRO on CPU/gloo, shards and
+run storage on the S3 test server, tracking on the real MLflow server. A tiny ViT (vit_pico4, 16 px), a few steps.
+
+Runs (each ~20-40 s on 2 cores), shared through module fixtures:
+  zero2        2 workers, ZeRO-2, augmented data, 4 steps per epoch (checkpoints land mid-epoch), val + few-shot
+  zero3        the same with ZeRO-3: the same loss trajectory (fp32)
+  failure      the zero2 run where rank 1 dies hard after step 5: restarted from the step-3 checkpoint, same losses
+  resumed      the zero2 run re-submitted with --resume and more steps: continues the same MLflow run
+  accum        1 worker x accumulation 2 and 2 workers x 1 (ZeRO-1) on a dataset that is one global batch per
+               step: the same loss trajectory
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SMOKE = "configs/pretrain/smoke.yaml"
+STEPS = 6
+CLASSES = 4
+
+
+def _synthetic(n: int, seed: int, size: int = 16):
+    """Images of 4 classes: a fixed blocky random prototype per class plus noise (learnable in a few steps, and
+    still after a random crop)."""
+    protos = np.random.default_rng(1234).integers(0, 256, (CLASSES, size // 4, size // 4)).repeat(4, 1).repeat(4, 2)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    images = np.clip(protos[labels] + rng.normal(0, 30, (n, size, size)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def buckets(s3_server):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for b in ("pretrain-data", "pretrain-runs"):
+        try:
+            s3.create_bucket(Bucket=b)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    return s3
+
+
+@pytest.fixture(scope="module")
+def datasets(buckets, s3_server):
+    from pipeline.data.shards import write_array_shards
+    from tests.fixtures.s3 import make_storage_config
+
+    storage = make_storage_config(s3_server)
+    names = {"train": (128, 0, 16), "val": (64, 1, 32), "onebatch": (64, 2, 32)}
+    out = {}
+    for split, (n, seed, per_shard) in names.items():
+        images, labels = _synthetic(n, seed)
+        out[split] = write_array_shards(
+            images, labels, f"s3://pretrain-data/synth/{split}", name="synth", split=split,
+            class_names=[str(i) for i in range(CLASSES)], samples_per_shard=per_shard, storage=storage,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A local Ray on 127.0.0.1, started after the S3 server so workers inherit its environment. Shared: later
+    modules that call connect_ray() reuse it."""
+    from pipeline.launch.trainer import connect_ray
+
+    connect_ray()
+    yield
+
+
+def _cfg(name, datasets, s3_server, mlflow_uri, *over):
+    from pipeline.config import load_config
+
+    return load_config(SMOKE, [
+        f"name={name}",
+        "model.image_size=16",
+        f"model.num_classes={CLASSES}",
+        f"data.train={datasets['train']}",
+        f"data.val={datasets['val']}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=64",
+        "data.augment.scale=[0.5,1.0]",
+        f"storage.endpoint_url={s3_server}",
+        f"train.steps={STEPS}",
+        "train.global_batch=32",
+        "train.micro_batch=16",
+        "train.optim.lr=3e-3",
+        "train.schedule.warmup_steps=1",
+        "train.schedule.decay=constant",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "scaling.num_workers=2",
+        "scaling.storage_path=s3://pretrain-runs/runs",
+        "scaling.max_failures=1",
+        "tracking.sink=mlflow",
+        f"tracking.tracking_uri={mlflow_uri}",
+        "tracking.experiment=test-pretrain",
+        "tracking.flush_every_s=0.5",
+        *over,
+    ])
+
+
+def _history(uri, run_id, key="train/loss") -> dict[int, float]:
+    """step -> value (the last one logged for a step)."""
+    from mlflow.tracking import MlflowClient
+
+    hist = sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in hist}
+
+
+def _counts(uri, run_id, key="train/loss") -> dict[int, int]:
+    """step -> how many times it was logged."""
+    from collections import Counter
+
+    from mlflow.tracking import MlflowClient
+
+    return dict(Counter(m.step for m in MlflowClient(uri).get_metric_history(run_id, key)))
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_cluster, datasets, s3_server, mlflow_server):
+    from pipeline.launch.trainer import run_pretraining
+
+    cfg = _cfg("zero2", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
+               f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}",
+               "train.fewshot_every=6", "train.fewshot_shots=[1,2]")
+    return cfg, run_pretraining(cfg)
+
+
+def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import fetch_checkpoint
+
+    cfg, result = zero2
+    losses = _history(mlflow_server.url, result.run_id)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert (losses[STEPS] + losses[STEPS - 1]) / 2 < losses[1] - 0.15, losses  # it learns
+    # checkpoints (every rank's shard + committed markers) and the final model are in the bucket
+    keys = [o["Key"] for o in buckets.list_objects_v2(Bucket="pretrain-runs", Prefix="runs/zero2/")["Contents"]]
+    for step in (3, 6):
+        d = f"runs/zero2/checkpoint_{step:08d}/"
+        assert {d + "COMMITTED.rank0", d + "COMMITTED.rank1", d + "train_state.rank1.json"} <= set(keys)
+        assert any(k.startswith(d + f"step{step:08d}/") and "optim_states" in k for k in keys)
+    assert result.final_checkpoint == "s3://pretrain-runs/runs/zero2/final"
+    with fetch_checkpoint(result.final_checkpoint, cfg.storage) as local:
+        sd, model_cfg, extra = load_checkpoint(local)
+    assert model_cfg == cfg.model and extra["step"] == STEPS and extra["run_id"] == result.run_id
+    # MLflow: params (flattened config), metrics, few-shot, the DeepSpeed config and the final model
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.zero.stage"] == "2"
+    assert run.data.params["model.name"] == "vit_pico4"
+    m = run.data.metrics
+    for key in ("train/lr", "train/grad_norm", "perf/images_per_s", "perf/data_wait_fraction", "val/loss",
+                "val/prec1", "fewshot/synth_1shot", "fewshot/synth_2shot", "data/skipped_samples"):
+        assert key in m, key
+    assert 0.0 <= m["fewshot/synth_2shot"] <= 1.0 and 0.0 <= m["val/prec1"] <= 1.0
+    assert sorted(_history(mlflow_server.url, result.run_id, "val/loss")) == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"deepspeed_config.json", "final"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "final")} == {"final/model.json",
+                                                                               "final/model.safetensors"}
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = json.loads(open(client.download_artifacts(result.run_id, "deepspeed_config.json", tmp)).read())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 32
+    assert run.info.status == "FINISHED"
+
+
+def test_zero3_matches_zero2(zero2, ray_cluster, datasets, s3_server, mlflow_server):
+    from pipeline.launch.trainer import run_pretraining
+
+    cfg = _cfg("zero3", datasets, s3_server, mlflow_server.url, "train.zero.stage=3")
+    result = run_pretraining(cfg)
+    ref = _history(mlflow_server.url, zero2[1].run_id)
+    got = _history(mlflow_server.url, result.run_id)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
+    assert result.final_checkpoint == "s3://pretrain-runs/runs/zero3/final"
+
+
+def test_worker_failure_resumes_exactly(zero2, ray_cluster, datasets, s3_server, mlflow_server, tmp_path):
+    from pipeline.launch.trainer import run_pretraining
+
+    cfg = _cfg("failure", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
+               f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}",
+               "train.fewshot_every=6", "train.fewshot_shots=[1,2]")
+    marker = tmp_path / "killed"
+    result = run_pretraining(cfg, fault={"step": 5, "rank": 1, "marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    assert result.metrics["step"] == STEPS
+    ref = _history(mlflow_server.url, zero2[1].run_id)
+    got = _history(mlflow_server.url, result.run_id)  # one MLflow run across the restart
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:  # steps 4-6 ran after the restart from the step-3 checkpoint (mid-epoch)
+        assert math.isclose(got[step], ref[step], rel_tol=1e-5), (step, got[step], ref[step])
+    # steps 1-3 ran once: the restarted group continued from the checkpoint instead of starting over
+    counts = _counts(mlflow_server.url, result.run_id)
+    assert [counts[s] for s in (1, 2, 3)] == [1, 1, 1], counts
+
+
+def test_resume_continues_same_mlflow_run(zero2, ray_cluster, datasets, s3_server, mlflow_server):
+    from pipeline.config import ConfigError
+    from pipeline.launch.trainer import run_pretraining
+
+    cfg, first = zero2
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        run_pretraining(cfg)
+    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": STEPS + 2})})
+    result = run_pretraining(more, resume=True)
+    assert result.run_id == first.run_id
+    counts = _counts(mlflow_server.url, result.run_id)
+    assert counts == {s: 1 for s in range(1, STEPS + 3)}, counts  # steps 7, 8 appended to the same run
+    assert result.metrics["step"] == STEPS + 2
+
+
+def test_global_batch_invariance(ray_cluster, datasets, s3_server, mlflow_server):
+    """global 64 = micro 32 x workers x accumulation; each step is the whole (64-sample) dataset, unaugmented,
+    so 1 worker x 2 micro-batches and 2 workers x 1 see the same examples per step: the same trajectory (ZeRO-1)."""
+    from pipeline.launch.trainer import run_pretraining
+
+    losses = {}
+    for workers in (1, 2):
+        cfg = _cfg(f"accum-w{workers}", datasets, s3_server, mlflow_server.url, "train.zero.stage=1",
+                   f"data.train={datasets['onebatch']}", "train.global_batch=64", "train.micro_batch=32",
+                   f"scaling.num_workers={workers}", "data.shuffle_buffer=0", "data.augment.scale=[1.0,1.0]",
+                   "data.augment.ratio=[1.0,1.0]", "data.augment.hflip=false", "train.steps=4")
+        losses[workers] = _history(mlflow_server.url, run_pretraining(cfg).run_id)
+    assert sorted(losses[1]) == sorted(losses[2]) == [1, 2, 3, 4]
+    assert losses[1][4] < losses[1][1]
+    for step in losses[1]:
+        assert math.isclose(losses[2][step], losses[1][step], rel_tol=1e-4), (step, losses)
