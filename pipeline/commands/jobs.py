@@ -15,8 +15,10 @@ def _reported(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (ConnectionError, RuntimeError) as e:
-            if getattr(args, "verbose", False):
+        except Exception as e:  # noqa: BLE001 - ray's AuthenticationError is imported lazily, matched by name
+            if getattr(args, "verbose", False) or not (
+                isinstance(e, (ConnectionError, RuntimeError)) or type(e).__name__ == "AuthenticationError"
+            ):
                 raise
             print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2

@@ -277,6 +277,8 @@ class Stack:
         multi = self.nodes > 1
         ip = self.node_ips[i]
         env = self.service_env()
+        # job entrypoints say `python ...`: on this stack that is the Python that runs Ray (this venv)
+        env["PATH"] = f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         if not multi:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on 127.0.0.1 (see ENVIRONMENT.md)
             # Ray's metrics ports are fixed by default; other Ray instances on this machine may hold them
