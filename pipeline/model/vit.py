@@ -24,6 +24,14 @@ from pipeline.model.variants import Variant, get_variant
 __all__ = ["VisionTransformer", "build_model", "Attention", "Block", "Mlp"]
 
 
+def _lecun_normal_(w: torch.Tensor) -> torch.Tensor:
+    """JAX's lecun_normal: a standard normal truncated to [-2, 2], scaled to variance 1 / fan_in (the constant
+    undoes the variance the truncation removes). torch's trunc_normal_ cuts at absolute values, hence the mul."""
+    fan_in = w[0].numel()
+    nn.init.trunc_normal_(w, mean=0.0, std=1.0, a=-2.0, b=2.0)
+    return w.mul_(math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+
+
 def _drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample, rescaling the survivors."""
     if rate == 0.0 or not training:
@@ -142,9 +150,7 @@ class VisionTransformer(nn.Module):
         Xavier-uniform projections (q, k and v each as its own D x D matrix, as the separate JAX kernels are),
         tiny-normal MLP biases, N(0, 0.02) position embeddings, zero [class] token, zero head (bias optionally
         a constant such as -10 for sigmoid losses)."""
-        w = self.patch_embed.proj.weight
-        fan_in = w[0].numel()
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978, a=-2.0, b=2.0)
+        _lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -159,9 +165,8 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(fc.weight)
                 nn.init.normal_(fc.bias, std=1e-6)
         if self.pre_logits is not None:
-            fc = self.pre_logits.fc
-            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / 0.87962566103423978, a=-2, b=2)
-            nn.init.zeros_(fc.bias)
+            _lecun_normal_(self.pre_logits.fc.weight)
+            nn.init.zeros_(self.pre_logits.fc.bias)
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.constant_(self.head.bias, self.cfg.head_bias_init)

@@ -77,6 +77,10 @@ def test_init_follows_official_recipe():
     assert torch.all(m.head.bias == -10.0)
     assert torch.count_nonzero(m.cls_token) == 0
     assert 0.015 < m.pos_embed.std().item() < 0.025
+    # LeCun-normal patch projection: variance 1 / fan_in (fan_in = 3 * 4 * 4), truncated at 2 std
+    w = m.patch_embed.proj.weight
+    assert w.std().item() == pytest.approx((1 / 48) ** 0.5, rel=0.1)
+    assert w.abs().max().item() <= 2 * (1 / 48) ** 0.5 / 0.87962566103423978 + 1e-6
     # q, k and v are initialised as separate D x D Xavier matrices: bound sqrt(6 / (D + D))
     d = m.variant.width
     w = m.blocks[0].attn.qkv.weight
