@@ -107,9 +107,25 @@ def build_engine(model: "nn.Module", cfg: Any, world_size: int, params: list[dic
     return engine
 
 
-def consolidate_fp32(checkpoint_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """One fp32 state dict from a DeepSpeed checkpoint saved by any number of ranks (ZeRO 1, 2 or 3)."""
+def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a DeepSpeed checkpoint saved by any number of ranks, any ZeRO stage. The fp32
+    master weights come from the ZeRO shards (zero_to_fp32); what those lack (stage 0: everything; stage 0/1:
+    frozen parameters, which DeepSpeed stores only in the module state) comes from the module state, loaded
+    with weights_only=True."""
+    import os
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    # rank 0's module state: "mp_rank_00_model_states.pt" (stages 0-2) or "zero_pp_rank_0_mp_rank_00_..." (3)
+    candidates = [os.path.join(checkpoint_dir, tag, f) for f in
+                  ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    states = next((f for f in candidates if os.path.isfile(f)), None)
+    if states is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed model states for tag {tag!r} ({candidates[0]})")
+    saved = torch.load(states, map_location="cpu", weights_only=True)
+    stage = int((saved.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    sd = {} if stage == 0 else dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
+    for name, t in saved["module"].items():
+        if name not in sd:
+            sd[name] = t
     return {k: v.float().contiguous() for k, v in sd.items()}

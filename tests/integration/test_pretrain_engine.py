@@ -1,0 +1,160 @@
+"""The worker's training loop in this process (world size 1, real DeepSpeed on gloo, local shards), without Ray:
+a non-finite loss stops the run naming the step; the transfer init spec (checkpoint + position-embedding
+resampling + new head + frozen backbone) with SGD; the final export round trip."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    from tests.fixtures.s3 import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pipeline.data.shards import write_array_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 64)
+    images = rng.integers(0, 256, (64, 16, 16)).astype(np.uint8)
+    return write_array_shards(images, labels, str(root / "train"), name="tiny", split="train",
+                              class_names=list("abcd"), samples_per_shard=32)
+
+
+def _cfg(shards, tmp_path, *over):
+    from pipeline.config import load_config
+
+    return load_config("configs/pretrain/smoke.yaml", [
+        "model.image_size=16", "model.num_classes=4", f"data.train={shards}", "data.num_workers=0",
+        "train.global_batch=16", "train.micro_batch=16", "train.steps=3", "train.log_every=1",
+        "train.checkpoint_every=100", "scaling.num_workers=1", f"scaling.storage_path={tmp_path}/runs",
+        "tracking.sink=stdout", *over,
+    ])
+
+
+def _train(cfg, init=None, restore_dir=None, keep_dir=None):
+    """Runs the loop; every reported checkpoint must be complete; the last one is copied to `keep_dir`."""
+    import shutil
+
+    from pipeline.train.checkpoint import is_complete
+    from pipeline.train.loop import WorkerSpec, run_training
+
+    reports = []
+
+    def report(metrics, checkpoint_dir, step):
+        assert checkpoint_dir is None or is_complete(checkpoint_dir)
+        reports.append(step)
+        if keep_dir is not None and checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, keep_dir / f"step{step}")
+
+    last = run_training(WorkerSpec(cfg, init=init), rank=0, world_size=1, restore_dir=restore_dir, report=report)
+    return last, reports
+
+
+def test_non_finite_loss_stops_naming_the_step(process_group, shards, tmp_path):
+    # an absurd learning rate with clipping off blows the weights up within a step or two
+    cfg = _cfg(shards, tmp_path, "train.optim.lr=1e30", "train.optim.grad_clip=0", "train.schedule.warmup_steps=0",
+               "train.zero.stage=0")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \((nan|inf)\) at step [23]"):
+        _train(cfg)
+
+
+def test_init_from_checkpoint_with_new_head_frozen_backbone_and_sgd(process_group, shards, tmp_path):
+    """What the transfer job asks of the worker: start from a model checkpoint at another resolution, new
+    zero-initialised head, frozen backbone, SGD with momentum; only the head moves."""
+    from pipeline.model import build_model
+    from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.train.checkpoint import export_final, read_train_state
+
+    torch.manual_seed(1)
+    source = build_model("vit_pico4", image_size=8, num_classes=7, pre_logits=32)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the init the worker would draw itself
+    save_checkpoint(tmp_path / "source", source)
+
+    cfg = _cfg(shards, tmp_path, "train.optim.name=sgd", "train.optim.momentum=0.9", "train.optim.lr=0.1",
+               "train.optim.weight_decay=0", "train.zero.stage=1", "model.pre_logits=null",
+               "train.checkpoint_every=3")
+    init = {"checkpoint": str(tmp_path / "source"), "reset_head": True, "freeze_backbone": True}
+    last, reports = _train(cfg, init, keep_dir=tmp_path / "kept")
+    assert reports == [3] and np.isfinite(last["train/loss"])
+
+    kept = tmp_path / "kept" / "step3"
+    export_final(kept, read_train_state(kept, 0)["model"], tmp_path / "final")
+    sd, model_cfg, extra = load_checkpoint(tmp_path / "final")
+    assert model_cfg.image_size == 16 and model_cfg.num_classes == 4 and model_cfg.pre_logits is None
+    assert "pre_logits.fc.weight" not in sd
+    assert sd["head.weight"].shape == (4, 64) and sd["head.weight"].abs().sum() > 0  # the head trained
+    # the frozen backbone is the source's, with the position embedding resampled from 2x2 to 4x4 patches
+    torch.testing.assert_close(sd["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
+    assert sd["pos_embed"].shape == (1, 1 + 16, 64)
+    torch.testing.assert_close(sd["pos_embed"][:, :1], source.pos_embed.detach()[:, :1])  # class token row kept
+    assert extra["step"] == 3
+
+
+def test_resume_in_process_continues_exactly(process_group, shards, tmp_path):
+    """Save at step 2, continue to 4 from that checkpoint: the same losses as 4 uninterrupted steps, logged to
+    the same MLflow run (a local sqlite store: real MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _cfg(shards, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.zero.stage=2",
+               "tracking.sink=mlflow", f"tracking.tracking_uri={uri}", "tracking.flush_every_s=0.2")
+    full, _ = _train(cfg, keep_dir=tmp_path / "kept")
+    resumed, reports = _train(cfg, restore_dir=str(tmp_path / "kept" / "step2"))
+    assert reports == [4]
+    assert resumed["run_id"] == full["run_id"]  # the checkpoint carries the run identity
+    hist = MlflowClient(uri).get_metric_history(full["run_id"], "train/loss")
+    by_step: dict[int, list[float]] = {}
+    for m in hist:
+        by_step.setdefault(m.step, []).append(m.value)
+    assert sorted(by_step) == [1, 2, 3, 4]
+    assert [len(by_step[s]) for s in (1, 2, 3, 4)] == [1, 1, 2, 2]  # 3 and 4 again after the resume
+    for step in (3, 4):
+        assert by_step[step][0] == pytest.approx(by_step[step][1], rel=1e-6)
+
+
+def test_final_export_is_the_same_model_for_every_zero_stage(process_group, shards, tmp_path):
+    """Stage 0 (module state only), 1, 2 and 3 (sharded fp32 masters) consolidate to the same fp32 weights."""
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import export_final, read_train_state
+
+    exported = {}
+    for stage in (0, 1, 2, 3):
+        cfg = _cfg(shards, tmp_path, f"train.zero.stage={stage}", "train.steps=2", "train.checkpoint_every=2",
+                   "train.schedule.warmup_steps=0")
+        kept = tmp_path / f"z{stage}"
+        _train(cfg, keep_dir=kept)
+        export_final(kept / "step2", read_train_state(kept / "step2", 0)["model"], tmp_path / f"final{stage}")
+        exported[stage] = load_checkpoint(tmp_path / f"final{stage}")[0]
+    for stage in (0, 1, 2, 3):
+        assert exported[stage].keys() == exported[0].keys()
+        for k in exported[0]:
+            torch.testing.assert_close(exported[stage][k], exported[0][k], rtol=1e-5, atol=1e-6)
+    # and training moved the weights (a zero-initialised head that is still zero would prove nothing)
+    assert exported[0]["head.weight"].abs().sum() > 0
