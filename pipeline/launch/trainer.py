@@ -46,18 +46,22 @@ class PretrainResult:
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connects to `address` / $RAY_ADDRESS, or starts a local single-node Ray bound to 127.0.0.1."""
-    # Must precede `import ray`: Ray reads it at import to pick loopback instead of the eth0 address.
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray picks the eth0 address for its services and MASTER_ADDR unless told it runs a local-only node; its
+        # child processes read the variable at start, this process's Ray read it at import (maybe already done).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        return
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def run_url(cfg: Any) -> str:

@@ -35,6 +35,10 @@ class ZeroConfig(BaseModel):
     stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = Field(False, description="stage 3 only")
+    bucket_elements: int | None = Field(
+        None, gt=0, description="elements per gradient-reduction / all-gather bucket (communication buffers); "
+        "null = DeepSpeed's defaults (5e8: large, sized for big GPU jobs)"
+    )
 
     @model_validator(mode="after")
     def _offload_params_needs_stage3(self) -> "ZeroConfig":

@@ -64,6 +64,12 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.zero.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero.bucket_elements and train.zero.stage > 0:
+        zero["reduce_bucket_size"] = train.zero.bucket_elements
+        if train.zero.stage == 3:
+            zero["stage3_prefetch_bucket_size"] = train.zero.bucket_elements
+        else:
+            zero["allgather_bucket_size"] = train.zero.bucket_elements
     if train.zero.stage == 3:
         # the final export consolidates the fp32 shards with zero_to_fp32; no 16-bit gather at save time
         zero["stage3_gather_16bit_weights_on_model_save"] = False

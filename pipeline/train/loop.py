@@ -135,11 +135,14 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _fewshot_name(cfg: Any) -> str:
+def _fewshot_name(cfg: Any, manifest_name: str = "") -> str:
+    """fewshot/<name>_<k>shot: the configured name, else the few-shot set's manifest name, else its folder."""
     if cfg.train.fewshot_name:
         return cfg.train.fewshot_name
-    parts = [p for p in cfg.data.fewshot_train.split("://")[-1].split("/") if p]
+    if manifest_name:
+        return manifest_name
     # .../<dataset>/train/manifest.json -> <dataset>
+    parts = [p for p in cfg.data.fewshot_train.split("://")[-1].split("/") if p]
     parts = [p for p in parts if p not in ("manifest.json", "train") and "|" not in p]
     return parts[-1] if parts else "fewshot"
 
@@ -321,16 +324,18 @@ def _fewshot(cfg, module, rank, device, dtype, loader_kw) -> dict[str, float]:
     from pipeline.data.loader import build_loader
     from pipeline.eval.fewshot import extract_features, fewshot_accuracy
 
-    feats = {}
+    feats, manifest_name = {}, ""
     for split, url in (("train", cfg.data.fewshot_train), ("test", cfg.data.fewshot_test or cfg.data.fewshot_train)):
         loader = build_loader(url, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
                               rank=0, world_size=1, drop_last=False, **loader_kw)
         feats[split] = extract_features(module, loader, dtype, device)
+        if split == "train":
+            manifest_name = getattr(getattr(loader, "manifest", None), "name", "") or ""
     if rank != 0:
         return {}
     acc = fewshot_accuracy(*feats["train"], *feats["test"], cfg.train.fewshot_shots, cfg.train.fewshot_l2,
                            cfg.train.seed)
-    name = _fewshot_name(cfg)
+    name = _fewshot_name(cfg, manifest_name)
     return {f"fewshot/{name}_{k}shot": v for k, v in acc.items()}
 
 
