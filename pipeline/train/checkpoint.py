@@ -25,6 +25,7 @@ from pipeline.data.config import StorageConfig
 __all__ = [
     "checkpoint_tag",
     "checkpoint_dir_name",
+    "step_of",
     "save_train_checkpoint",
     "write_train_state",
     "read_train_state",
@@ -49,6 +50,12 @@ def checkpoint_tag(step: int) -> str:
 def checkpoint_dir_name(step: int) -> str:
     """The name Ray gives the checkpoint in storage (`<storage>/<run name>/checkpoint_00001000`)."""
     return f"checkpoint_{step:08d}"
+
+
+def step_of(path_or_url: str) -> int:
+    """The step in a checkpoint folder name (`.../checkpoint_00001000` -> 1000); -1 if it has none."""
+    m = _DIR_RE.match(str(path_or_url).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else -1
 
 
 def _json_default(o: Any) -> Any:

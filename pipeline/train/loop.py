@@ -344,7 +344,7 @@ def train_worker(config: dict) -> None:
     """The function every Ray Train worker runs (TorchTrainer's train_loop_per_worker)."""
     import ray.train
 
-    from pipeline.train.checkpoint import fetch_checkpoint, find_latest_complete, is_complete
+    from pipeline.train.checkpoint import fetch_checkpoint, find_latest_complete, is_complete, step_of
 
     spec = WorkerSpec.from_dict(config)
     ctx = ray.train.get_context()
@@ -357,7 +357,18 @@ def train_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir_name(step) if checkpoint else None)
 
+    # Ray's latest checkpoint is the newest one its controller registered; a group that dies right after a
+    # report can lose that registration although the checkpoint is committed in storage. The committed markers
+    # in storage are the authority: resume from whichever of the two is newer.
     restored = ray.train.get_checkpoint()
+    ray_step = step_of(restored.path) if restored is not None else -1
+    stored = find_latest_complete(config["run_url"], spec.cfg.storage) if config.get("run_url") else None
+    stored_step = step_of(stored) if stored else -1
+    if stored is not None and stored_step > ray_step:
+        log.warning("resuming from committed checkpoint %s (Ray's latest: step %d)", stored, ray_step)
+        with fetch_checkpoint(stored, spec.cfg.storage) as local:
+            run_training(spec, rank=rank, world_size=world_size, restore_dir=local, report=report)
+        return
     if restored is None:
         run_training(spec, rank=rank, world_size=world_size, restore_dir=None, report=report)
         return
@@ -365,11 +376,8 @@ def train_worker(config: dict) -> None:
         if is_complete(local):
             run_training(spec, rank=rank, world_size=world_size, restore_dir=local, report=report)
             return
-    # Ray registers a checkpoint only once every rank reported it, so this is a damaged copy in storage: fall
-    # back to the newest committed one there.
-    fallback = find_latest_complete(config["run_url"], spec.cfg.storage) if config.get("run_url") else None
-    if fallback is None:
+    if stored is None:
         raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
-    log.warning("checkpoint %s is incomplete; resuming from %s", restored.path, fallback)
-    with fetch_checkpoint(fallback, spec.cfg.storage) as local:
+    log.warning("checkpoint %s is incomplete; resuming from %s", restored.path, stored)
+    with fetch_checkpoint(stored, spec.cfg.storage) as local:
         run_training(spec, rank=rank, world_size=world_size, restore_dir=local, report=report)
