@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `vitpipe model list | head`: the reader went away; not an error of ours
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":
