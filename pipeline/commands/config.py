@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     schema = csub.add_parser("schema", help="print the JSON schema of the config (every key, type and default)")
     schema.add_argument("--kind", choices=["pretrain", "transfer"], default="pretrain")
     schema.set_defaults(func=_schema)
+    ref = csub.add_parser("reference", help="print the Markdown configuration reference (docs/CONFIG.md)")
+    ref.set_defaults(func=_reference)
     val = csub.add_parser("validate", help="validate config files; exit 2 on the first invalid one")
     val.add_argument("config", nargs="+")
     val.set_defaults(func=_validate)
@@ -53,6 +55,13 @@ def _schema(args: argparse.Namespace) -> int:
     else:
         cls = RunConfig
     print(json.dumps(cls.model_json_schema(), indent=2))
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from pipeline.reference import config_reference
+
+    print(config_reference(), end="")
     return 0
 
 

@@ -115,3 +115,11 @@ def test_overrides_do_not_mutate_input() -> None:
     out = apply_overrides(tree, ["train.steps=2"])
     assert tree["train"]["steps"] == 1 and out["train"]["steps"] == 2
     assert isinstance(RunConfig.model_json_schema(), dict)
+
+
+def test_config_reference_is_current() -> None:
+    from pipeline.reference import config_reference
+
+    committed = (REPO / "docs" / "CONFIG.md").read_text()
+    assert committed == config_reference(), "docs/CONFIG.md is stale: run `vitpipe config reference > docs/CONFIG.md`"
+    assert "`train.zero.stage`" in committed and "`transfer.mode`" in committed
