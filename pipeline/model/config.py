@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ModelConfig"]
 
@@ -36,3 +36,17 @@ class ModelConfig(BaseModel):
         if name not in VARIANTS:
             raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
         return name
+
+    @model_validator(mode="after")
+    def _image_fits_patches(self) -> "ModelConfig":
+        # Checked here, not only when the model is built: a pretraining run builds it inside its workers.
+        from pipeline.model.variants import VARIANTS
+
+        patch = VARIANTS[self.name].patch_size
+        if self.image_size % patch:
+            fits = sorted({self.image_size // patch * patch, (self.image_size // patch + 1) * patch} - {0})
+            raise ValueError(
+                f"model.image_size {self.image_size} is not a multiple of {self.name}'s patch size {patch}; "
+                f"use e.g. {' or '.join(map(str, fits))}"
+            )
+        return self
