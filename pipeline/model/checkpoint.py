@@ -57,9 +57,7 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
     """(state_dict, ModelConfig, extra) from a directory written by `save_checkpoint`; every key and shape is
     checked against the config."""
-    from safetensors.torch import load_file
-
-    from pipeline.model.weights import check_state_dict
+    from pipeline.model.weights import check_state_dict, load_safetensors
 
     directory = Path(directory)
     meta_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -77,7 +75,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Mod
         raise ValueError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                          f"expected {FORMAT!r}")
     cfg = ModelConfig.model_validate(meta["model"])
-    sd = load_file(str(weights_path))
+    sd = load_safetensors(weights_path)
     check_state_dict(sd, cfg)
     return sd, cfg, meta.get("extra") or {}
 

@@ -31,7 +31,7 @@ from pipeline.model.variants import VARIANTS, get_variant
 
 __all__ = [
     "SOURCES", "convert_state_dict", "export_state_dict", "expected_shapes", "check_state_dict",
-    "infer_config", "adapt_state_dict", "read_weights", "save_npz",
+    "infer_config", "adapt_state_dict", "read_weights", "load_safetensors", "save_npz",
 ]
 
 Source = Literal["timm", "npz", "hf"]
@@ -252,14 +252,26 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(path)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        except ValueError as e:  # numpy refuses object arrays (pickles) with allow_pickle=False
+            raise ValueError(f"{path}: refused, not a plain .npz of arrays ({e}); vitpipe never unpickles") from None
     if suffix in (".bin", ".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's own message suggests weights_only=False, i.e. running the file's code: never do that here.
+            found = re.search(r"Unsupported[^\n]*", str(e))
+            first = found.group(0).split(". ")[0][:160] if found else type(e).__name__
+            raise ValueError(
+                f"{path}: refused to load: it holds pickled Python objects other than tensors ({first}). vitpipe "
+                "never unpickles arbitrary objects; convert the weights to .safetensors where the file is trusted"
+            ) from None
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
@@ -267,6 +279,17 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path} does not hold a flat dict of tensors (a state dict)")
         return dict(obj)
     raise ValueError(f"{path}: unsupported weights file type {suffix!r}; use .safetensors, .npz, .bin, .pt or .pth")
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file; a file that is not one (e.g. a pickle renamed) is a ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 # Where each source keeps the few tensors whose shapes determine the architecture.
