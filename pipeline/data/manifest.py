@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +126,9 @@ def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manife
     spec = spec.strip()
     if "|" in spec:
         return _parse_pattern(spec)
+    if re.search(r"\{[^{}]*\.\.[^{}]*\}", spec):
+        raise ValueError(f"dataset pattern {spec!r} has no sample count: append it, "
+                         "'URL-{000000..000099}.tar|NUM_SAMPLES' (or point at the dataset's manifest.json)")
     url = spec if spec.endswith(".json") else url_join(spec, MANIFEST_NAME)
     fs, path = get_filesystem(url, storage)
     try:
@@ -132,6 +137,10 @@ def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manife
     except FileNotFoundError:
         raise ValueError(f"dataset manifest not found: {url} (write the dataset with `vitpipe shards write`, "
                          "or give 'pattern|num_samples')") from None
+    except Exception as e:  # unreachable endpoint, no credentials, access denied: botocore's types vary
+        endpoint = (storage.endpoint_url if storage else None) or os.environ.get("AWS_ENDPOINT_URL") or "default"
+        raise ValueError(f"cannot read dataset manifest {url} (endpoint {endpoint}): {type(e).__name__}: {e}; "
+                         "check storage.endpoint_url / $AWS_ENDPOINT_URL and the credentials") from None
     try:
         data = json.loads(blob)
     except json.JSONDecodeError as e:
