@@ -9,8 +9,9 @@ Exact resume: each batch carries its worker's position (samples taken out of the
 the loader records them as batches are handed out. A restored loader replays each worker's stream up to its
 position without decoding (shard bytes are read again, images are not decoded) and rotates the worker roles so
 the next batch comes from the worker whose turn it was. Augmentation is seeded per batch, so images match too.
-A state from a different world size, worker count or batch size cannot be mapped sample-exactly (yet): that
-epoch restarts from its beginning, counters carried over, with a warning.
+A state from a different world size, worker count or batch size cannot be mapped sample-exactly (yet): the epoch
+in progress restarts from its beginning (a state taken at an epoch's end starts the next epoch), counters carried
+over, with a warning.
 
 Bad data is skipped and counted, never fatal: an undecodable image or a missing/malformed label skips the sample;
 a truncated tar yields what it had; an unreadable shard (after storage retries) is skipped (`on_error: fail`
@@ -31,7 +32,7 @@ import torch
 
 from pipeline.data.config import DataConfig, StorageConfig
 from pipeline.data.manifest import Manifest, load_dataset_spec
-from pipeline.data.plan import EpochPlan
+from pipeline.data.plan import EpochPlan, Segment
 from pipeline.data.shards import iter_tar_samples
 from pipeline.data.storage import open_url, retry_counters
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, decode_image, normalize
@@ -49,13 +50,16 @@ def _seed(*parts: int) -> int:
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
-    """What one DataLoader worker runs. Holds no storage client (each process opens its own, lazily)."""
+    """What one DataLoader worker runs. Holds no storage client (each process opens its own, lazily), and only
+    this rank's shard runs for the epoch (`segments[role]`, indexing `shards`): O(own shards), not the manifest."""
 
-    def __init__(self, *, shards: list[str], plan: EpochPlan, seed: int, epoch: int, rank: int,
+    def __init__(self, *, shards: list[str], segments: list[list[Segment]], batch_size: int,
+                 batches_per_slot: int, seed: int, epoch: int, rank: int,
                  positions: list[int], batches_done: list[int], rotation: int, data: DataConfig,
                  storage: StorageConfig, image_size: int, in_chans: int, train: bool, label_type: str,
                  num_classes: int | None):
-        self.shards, self.plan, self.seed, self.epoch, self.rank = shards, plan, seed, epoch, rank
+        self.shards, self.segments, self.seed, self.epoch, self.rank = shards, segments, seed, epoch, rank
+        self.workers, self.batch_size, self.batches_per_slot = len(segments), batch_size, batches_per_slot
         self.positions, self.batches_done, self.rotation = positions, batches_done, rotation
         self.data, self.storage = data, storage
         self.image_size, self.in_chans, self.train = image_size, in_chans, train
@@ -86,8 +90,8 @@ class _SlotStream(torch.utils.data.IterableDataset):
     def _raw(self, role: int, counters: dict[str, int]) -> Iterator[dict]:
         """Shuffled raw samples of this slot: pass 0 is the plan's run; later passes (only reached when skipped
         samples left the slot short) read the same run again in another order."""
-        segments = self.plan.segments(self.seed, self.epoch, self.rank, role)
-        slot = self.plan.slot(self.rank, role)
+        segments = self.segments[role]
+        slot = self.rank * self.workers + role
         rng = random.Random(_seed(self.seed, self.epoch, slot, 1))
         size = self.data.shuffle_buffer
         for p in count():
@@ -138,9 +142,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        role = (wid + self.rotation) % self.plan.workers
+        role = (wid + self.rotation) % self.workers
         pos, done = self.positions[role], self.batches_done[role]
-        bs, total = self.plan.batch_size, self.plan.batches_per_slot
+        bs, total = self.batch_size, self.batches_per_slot
         counters = dict.fromkeys(COUNTER_NAMES, 0)
         start_retries = retry_counters()["retries"]
         raw = self._raw(role, counters)
@@ -149,7 +153,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         counters["retries"] = retry_counters()["retries"] - start_retries
         base = dict(counters)  # what the replay counted was already counted before the state was taken
         transform = build_transform(self.image_size, self.train, self.data.augment)
-        slot = self.plan.slot(self.rank, role)
+        slot = self.rank * self.workers + role
         while done < total:
             images, labels, keys = [], [], []
             with torch.random.fork_rng(devices=[]):
@@ -271,8 +275,14 @@ class StreamingLoader:
         if state.get("seed") != self.data.seed:
             log.warning("loader state seed %s differs from data.seed %s", state.get("seed"), self.data.seed)
         if not same:
+            # A state taken after the last batch of an epoch has finished that epoch: continue with the next one
+            # rather than repeating it.
+            old = EpochPlan(np.asarray(self.manifest.samples_per_shard), int(state["world_size"]),
+                            int(state["num_workers"]), int(state["batch_size"]), self.drop_last)
+            if int(state["batches"]) >= old.batches_per_rank:
+                self.epoch += 1
             log.warning("loader state from world_size=%s num_workers=%s batch=%s cannot be mapped exactly to "
-                        "world_size=%s num_workers=%s batch=%s: epoch %d restarts from its beginning",
+                        "world_size=%s num_workers=%s batch=%s: epoch %d starts from its beginning",
                         state["world_size"], state["num_workers"], state["batch_size"], self.world_size,
                         self.data.num_workers, self.batch_size, self.epoch)
             return
@@ -282,8 +292,21 @@ class StreamingLoader:
 
     # --- iteration ----------------------------------------------------------------------------------------------
     def _dataset(self) -> _SlotStream:
+        # This rank's runs for the epoch, computed once here; each worker receives only those and their URLs.
+        urls: list[str] = []
+        local: dict[int, int] = {}
+        segments = []
+        for role in range(self.plan.workers):
+            run = []
+            for shard, skip, take in self.plan.segments(self.data.seed, self.epoch, self.rank, role):
+                if shard not in local:
+                    local[shard] = len(urls)
+                    urls.append(self.manifest.shards[shard])
+                run.append((local[shard], skip, take))
+            segments.append(run)
         return _SlotStream(
-            shards=self.manifest.shards, plan=self.plan, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
+            shards=urls, segments=segments, batch_size=self.plan.batch_size,
+            batches_per_slot=self.plan.batches_per_slot, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
             positions=list(self._positions), batches_done=list(self._worker_batches),
             rotation=self._batches % self.plan.workers, data=self.data, storage=self.storage,
             image_size=self.image_size, in_chans=self.in_chans, train=self.train,
