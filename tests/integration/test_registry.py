@@ -120,3 +120,12 @@ def test_import_timm_weights_and_the_registry_cli(mlflow_uri, tmp_path, capsys):
     assert "models:/reg-imported@prod -> version 1" in capsys.readouterr().out
     assert main(["registry", "show", "no-such-model"]) == 2
     assert "registered models:" in capsys.readouterr().err
+
+
+def test_the_registry_survives_a_server_restart(mlflow_server, mlflow_uri, pico_checkpoint):
+    v = register_checkpoint(pico_checkpoint, name="reg-restart", alias="prod")
+    mlflow_server.stop()
+    assert not mlflow_server.healthy()
+    mlflow_server.start()
+    assert mlflow_server.url == mlflow_uri
+    assert resolve_version("models:/reg-restart@prod").source == v.source

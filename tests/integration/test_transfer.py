@@ -155,3 +155,19 @@ def test_bad_input_is_refused_before_any_worker_starts(pretrained, digits, mlflo
     err = capsys.readouterr().err
     assert rc == 2 and re.search(message, err), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_linear_probe_trains_only_the_head(pretrained, digits, mlflow_uri, tmp_path, capsys):
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.tracking.registry import download_checkpoint
+
+    rc = main(_transfer_args(digits, tmp_path / "runs", "transfer.mode=linear_probe", "transfer.plots=false",
+                             "name=probe-smoke", "tracking.registered_model=vit-smoke-probe",
+                             "--from", "models:/vit-smoke@champion"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    src, _, _ = load_checkpoint(download_checkpoint("models:/vit-smoke@champion", tmp_path / "src")[0])
+    ft, _, _ = load_checkpoint(download_checkpoint("models:/vit-smoke-probe@latest", tmp_path / "ft")[0])
+    for k in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "patch_embed.proj.weight", "norm.weight"):
+        torch.testing.assert_close(ft[k], src[k], rtol=0, atol=0)
+    assert ft["head.weight"].abs().sum() > 0  # started at zero, trained
