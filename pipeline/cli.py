@@ -64,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `vitpipe model list | head`: the reader went away; not an error of ours
         sys.stdout = None
         return 0
+    except Exception as e:
+        # An unreachable or refusing tracking server / object store is explained in one line, not a traceback
+        # (matched by module: neither mlflow nor botocore is imported here).
+        hint = _SERVICE_HINTS.get(type(e).__module__.split(".")[0])
+        if args.verbose or hint is None:
+            raise
+        print(f"vitpipe {args.command}: error: {type(e).__name__}: {e} ({hint})", file=sys.stderr)
+        return 2
+
+
+_SERVICE_HINTS = {
+    "mlflow": "check the tracking URI: tracking.tracking_uri, --tracking-uri or $MLFLOW_TRACKING_URI",
+    "botocore": "check storage.endpoint_url / $AWS_ENDPOINT_URL and the credentials",
+}
 
 
 if __name__ == "__main__":
