@@ -143,6 +143,6 @@ def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manife
                          "check storage.endpoint_url / $AWS_ENDPOINT_URL and the credentials") from None
     try:
         data = json.loads(blob)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary junk
         raise _invalid(url, f"not valid JSON ({e})") from None
     return parse_manifest(data, url, hashlib.sha256(blob).hexdigest())
