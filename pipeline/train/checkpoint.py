@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline.data.config import StorageConfig
 
@@ -75,10 +75,14 @@ def write_train_state(directory: str | Path, rank: int, state: dict[str, Any]) -
 
 
 def save_train_checkpoint(engine: Any, directory: str | Path, *, step: int, rank: int, world_size: int,
-                          loader_state: dict | None, run_id: str | None, extra: dict | None = None) -> None:
-    """Every rank calls this at the same step: DeepSpeed writes this rank's shard, then the state and marker."""
+                          loader_state: dict | None, run_id: str | None, extra: dict | None = None,
+                          before_commit: Callable[[], None] | None = None) -> None:
+    """Every rank calls this at the same step: DeepSpeed writes this rank's shard, then the state and marker.
+    `before_commit` (tests: fault injection) runs between the two."""
     tag = checkpoint_tag(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step})
+    if before_commit is not None:
+        before_commit()
     write_train_state(directory, rank, {
         "step": step, "tag": tag, "world_size": world_size, "rank": rank, "run_id": run_id,
         "loader": loader_state, **(extra or {}),

@@ -19,6 +19,7 @@ __all__ = [
     "build_engine",
     "compute_dtype",
     "consolidate_fp32",
+    "to_universal",
 ]
 
 # DeepSpeed prints its timers every `steps_per_print` steps; we log our own metrics instead.
@@ -95,12 +96,16 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_engine(model: "nn.Module", cfg: Any, world_size: int, params: list[dict] | None = None):
+def build_engine(model: "nn.Module", cfg: Any, world_size: int, params: list[dict] | None = None, *,
+                 load_universal: bool = False):
     """`deepspeed.initialize` with the generated config and our warmup/decay schedule (a LambdaLR stepped by
-    the engine once per optimizer step). `params`: optimizer parameter groups (default: all trainable)."""
+    the engine once per optimizer step). `params`: optimizer parameter groups (default: all trainable).
+    `load_universal`: the engine will load a universal checkpoint (`to_universal`), e.g. on another world size."""
     import deepspeed
 
     ds = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     factor = lr_lambda(cfg.train.schedule, cfg.train.steps)
@@ -135,3 +140,25 @@ def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
         if name not in sd:
             sd[name] = t
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def to_universal(checkpoint_dir: str, tag: str, out_dir: str) -> str:
+    """Converts DeepSpeed checkpoint `<checkpoint_dir>/<tag>` (ZeRO shards of any world size) into DeepSpeed's
+    universal format at `<out_dir>/<tag>` (one fp32 file per parameter and optimizer moment), which an engine
+    built with `load_universal=True` loads on any world size. Returns `out_dir`. Runs in this process (one
+    worker, no process pool). Our models carry no `universal_checkpoint_info`; DeepSpeed's
+    `--inject_missing_state` adds the version marker (no tensor or pipeline parallelism to describe)."""
+    import argparse
+    import contextlib
+    import io
+    import os
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=os.path.join(checkpoint_dir, tag), output_folder=os.path.join(out_dir, tag),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # progress bars and banners
+        ds_to_universal.main(args)
+    return out_dir

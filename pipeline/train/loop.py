@@ -9,14 +9,24 @@ Worker dict (built by `pipeline.launch.trainer.worker_config`):
     run_id         MLflow run id (null: none / created by the sink); a checkpoint's run id wins on resume
     init           optional {"checkpoint": dir/URL, "reset_head": bool, "freeze_backbone": bool}
     eval_hooks     optional list of callables (or "module:function") taking an EvalContext, returning metrics
-    fault          TEST ONLY: {"step", "rank", "marker"}: that rank dies hard (os._exit) after that step, once
+    fault          TEST ONLY fault injection and recording (see `_TestHooks`): {"step", "rank", "marker",
+                   "phase"} kills that rank once (the marker file remembers it did); more kills under "kills": [...];
+                   "record": a path prefix each rank appends JSON lines to (where it started, each step's sample
+                   keys); "step_sleep_s": a pause after every step (to make a tiny run span an outage)
+
+A checkpoint written by another number of workers is resumed through DeepSpeed's universal checkpoint format (the
+weights and optimizer state re-partitioned for the new world size); the data loader then restarts the epoch that
+was in progress from its beginning with the new sharding (see pipeline.data.loader).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import json
 import os
+import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -169,25 +179,42 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
 
     cfg, tr = spec.cfg, spec.cfg.train
     accum = gradient_accumulation(tr, world_size)
+    hooks = _TestHooks(spec.fault, rank)
     state: dict[str, Any] = {}
+    resharded = False
     if restore_dir is not None:
-        state = ckpt.read_train_state(restore_dir, rank)
-        if state["world_size"] != world_size:
-            raise ValueError(
-                f"checkpoint {restore_dir} was written by {state['world_size']} workers, this run has {world_size}; "
-                "the data-loader position and ZeRO shards are per rank: resume with the same scaling.num_workers"
-            )
+        state = ckpt.read_train_state(restore_dir, 0)
+        resharded = int(state["world_size"]) != world_size
+        if resharded:
+            log.warning("checkpoint %s was written by %s workers, this run has %d: resuming through a universal "
+                        "checkpoint; the data loader restarts epoch %s", restore_dir, state["world_size"],
+                        world_size, (state.get("loader") or {}).get("epoch"))
+            state["loader"] = _resharded_loader_state(restore_dir, int(state["world_size"]), rank)
+        else:
+            state = ckpt.read_train_state(restore_dir, rank)
     run_id = state.get("run_id") or spec.run_id
 
     # On resume the weights come from the training checkpoint; building from the init spec again keeps the same
     # architecture and frozen set as the first start.
     model = build_init_model(cfg, spec.init)
-    engine = build_engine(model, cfg, world_size, param_groups(model, tr.optim.weight_decay))
+    engine = build_engine(model, cfg, world_size, param_groups(model, tr.optim.weight_decay),
+                          load_universal=resharded)
     device, dtype = engine.device, compute_dtype(tr.precision)
     start_step = 0
     if restore_dir is not None:
-        engine.load_checkpoint(restore_dir, tag=state["tag"])
+        if resharded:
+            from pipeline.train.engine import to_universal
+
+            universal = tempfile.mkdtemp(prefix="vitpipe-universal-")
+            try:
+                engine.load_checkpoint(to_universal(restore_dir, state["tag"], universal), tag=state["tag"])
+            finally:
+                shutil.rmtree(universal, ignore_errors=True)
+        else:
+            engine.load_checkpoint(restore_dir, tag=state["tag"])
         start_step = int(state["step"])
+    hooks.record({"event": "start", "start_step": start_step, "world_size": world_size, "pid": os.getpid(),
+                  "digest": hooks.digest(engine)})
 
     loader_kw = dict(image_size=cfg.model.image_size, in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes)
     train_loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=tr.micro_batch, train=True,
@@ -227,7 +254,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as tmp:
             ckpt.save_train_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size,
                                        loader_state=train_loader.state_dict(), run_id=run_id,
-                                       extra={"model": engine.module.cfg.model_dump(mode="json")})
+                                       extra={"model": engine.module.cfg.model_dump(mode="json")},
+                                       before_commit=lambda: hooks.kill_at("checkpoint", step))
             report({**metrics, "step": step, "run_id": run_id or ""}, tmp, step)
 
     window_t = time.perf_counter()
@@ -237,14 +265,18 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         for step in range(start_step + 1, tr.steps + 1):
             torch.manual_seed(tr.seed * 1_000_003 + step * world_size + rank)  # dropout etc.: resume-exact
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            step_keys: list[str] = []
             for _ in range(accum):
                 t = time.perf_counter()
                 batch = next(batches)
                 window_wait += time.perf_counter() - t
+                hooks.kill_at("data", step)
+                step_keys.extend(batch["key"])
                 x = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
                 y = batch["label"].to(device=device, non_blocking=True)
                 loss = loss_fn(engine(x), y)
                 engine.backward(loss)
+                hooks.kill_at("step", step)
                 engine.step()
                 loss_sum += loss.detach().double()
             loss_global = _all_reduce_sum([float(loss_sum) / accum], device)[0] / world_size
@@ -254,7 +286,10 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                     "lower train.optim.lr, raise train.schedule.warmup_steps or use precision bf16/fp32"
                 )
             window_steps += 1
-            _maybe_die(spec.fault, step, rank)
+            hooks.record({"event": "step", "step": step, "keys": step_keys, "loss": loss_global,
+                          "digest": hooks.digest(engine)})
+            hooks.kill_at("after_step", step)
+            hooks.pause()
 
             metrics: dict[str, float] = {}
             if step % tr.log_every == 0 or step == tr.steps:
@@ -294,16 +329,82 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     return last
 
 
-def _maybe_die(fault: Mapping[str, Any] | None, step: int, rank: int) -> None:
-    """TEST ONLY fault injection: the chosen rank exits hard once (a marker file remembers it already did)."""
-    if not fault or step != int(fault["step"]) or rank != int(fault.get("rank", 0)):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"killed rank {rank} after step {step}\n")
-    log.warning("TEST fault injection: rank %d exits hard after step %d", rank, step)
-    os._exit(17)
+def _resharded_loader_state(restore_dir: str, old_world: int, rank: int) -> dict | None:
+    """The loader state a rank of a new world size starts from: rank 0's position (the loader sees the other
+    world size and restarts that epoch), with every old rank's counters summed into new rank 0 (others start
+    at zero) so the run's totals stay right."""
+    from pipeline.train import checkpoint as ckpt
+
+    states = [ckpt.read_train_state(restore_dir, r).get("loader") for r in range(old_world)]
+    if states[0] is None:
+        return None
+    out = dict(states[0])
+    names = set().union(*((s or {}).get("counters", {}) for s in states))
+    out["counters"] = {k: sum(int((s or {}).get("counters", {}).get(k, 0)) for s in states) if rank == 0 else 0
+                       for k in names}
+    return out
+
+
+class _TestHooks:
+    """TEST ONLY fault injection and recording, from WorkerSpec.fault (None: every method does nothing).
+
+    A kill `{"step", "rank", "marker", "phase"}` fires once (the marker file, written first, remembers it):
+      after_step  (default) os._exit(17) after the step completed, before its logging and checkpoint
+      data        SIGKILL after the loader handed out the step's batch (its position already past it), before the
+                  forward pass
+      step        SIGKILL between the backward pass and the optimizer step
+      checkpoint  SIGKILL while the step's checkpoint is written: this rank's DeepSpeed shard files exist, its
+                  state file and commit marker do not
+    `record`: each rank appends JSON lines to `<record>.rank<R>.jsonl`: {"event": "start", "start_step", ...}
+    at every (re)start and {"event": "step", "step", "keys", "loss"} after every step, both with `digest`: sums
+    of |weights| and of this rank's |Adam moments| (to check what a restore restored)."""
+
+    def __init__(self, fault: Mapping[str, Any] | None, rank: int):
+        fault = dict(fault or {})
+        kills = [dict(k) for k in fault.get("kills") or []]
+        if "step" in fault:
+            kills.append({k: fault[k] for k in ("step", "rank", "marker", "phase") if k in fault})
+        self.rank = rank
+        self.kills = [k for k in kills if int(k.get("rank", 0)) == rank]
+        self.path = Path(f"{fault['record']}.rank{rank}.jsonl") if fault.get("record") else None
+        self.sleep_s = float(fault.get("step_sleep_s") or 0.0)
+
+    def record(self, event: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**event, "rank": self.rank, "time": time.time()}) + "\n")
+
+    def digest(self, engine: Any) -> dict[str, float] | None:
+        if self.path is None:
+            return None
+        opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+        moments = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+        steps = set()
+        for st in opt.state.values():
+            for k in moments:
+                if k in st:
+                    moments[k] += float(st[k].double().abs().sum())
+            if "step" in st:
+                steps.add(float(st["step"]))
+        weights = sum(float(p.detach().double().abs().sum()) for p in engine.module.parameters())
+        return {"weights": weights, **moments, "adam_steps": sorted(steps), "global_steps": engine.global_steps}
+
+    def pause(self) -> None:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+
+    def kill_at(self, phase: str, step: int) -> None:
+        for k in self.kills:
+            if int(k["step"]) != step or k.get("phase", "after_step") != phase:
+                continue
+            marker = Path(k["marker"])
+            if marker.exists():
+                continue
+            marker.write_text(json.dumps({"rank": self.rank, "step": step, "phase": phase, "pid": os.getpid()}))
+            log.warning("TEST fault injection: rank %d killed (%s) at step %d", self.rank, phase, step)
+            if phase == "after_step":
+                os._exit(17)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _validate(cfg, module, loss_fn, rank, world_size, device, dtype, loader_kw) -> dict[str, float]:
