@@ -159,8 +159,8 @@ def tiny_shards(tmp_path_factory):
     from pipeline.data.shards import write_array_shards
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (96, 16, 16)).astype(np.uint8)
-    return write_array_shards(images, rng.integers(0, 4, 96), str(tmp_path_factory.mktemp("tiny") / "train"),
+    images = rng.integers(0, 256, (48, 16, 16)).astype(np.uint8)
+    return write_array_shards(images, rng.integers(0, 4, 48), str(tmp_path_factory.mktemp("tiny") / "train"),
                               name="tiny", split="train", class_names=list("abcd"), samples_per_shard=8)
 
 
@@ -174,20 +174,21 @@ def _loader(url: str, num_workers: int):
 
 def test_worker_memory_is_flat_over_30_epochs(tiny_shards):
     """num_workers=1: the DataLoader worker's unique memory (USS) late in every epoch and this process's RSS at
-    every epoch boundary stay flat over 30 epochs of 12 shards."""
+    every epoch boundary stay flat over 30 epochs of 6 shards."""
     loader = _loader(tiny_shards, 1)
     me = psutil.Process()
     epochs, worker_uss, main_rss, pids = 30, [], [], set()
+    others = {p.pid for p in me.children()}  # e.g. a session's mlflow server
     for epoch in range(epochs):
         n = 0
         for i, batch in enumerate(loader):
             n += 1
             if i == len(loader) - 2:
-                kids = me.children()
+                kids = [k for k in me.children() if k.pid not in others]
                 assert len(kids) == 1, kids
                 pids.add(kids[0].pid)
                 worker_uss.append(kids[0].memory_full_info().uss)
-        assert n == len(loader) == 12
+        assert n == len(loader) == 6
         main_rss.append(me.memory_info().rss)
     assert loader.epoch == epochs and loader.counters()["skipped_samples"] == 0
     mib = 2**20
