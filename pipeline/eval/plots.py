@@ -107,16 +107,24 @@ def plot_attention_rollout(
 
 
 def plot_pos_embed_similarity(pos_embed: torch.Tensor, path: str | Path, num_prefix_tokens: int = 1) -> Path:
-    """The grid of per-patch cosine-similarity maps (row i, column j = patch (i, j) against all patches)."""
+    """The grid of per-patch cosine-similarity maps (tile (i, j) = patch (i, j) against all patches), drawn as one
+    mosaic image: one imshow whatever the grid (24 x 24 tiles at 384 px / patch 16)."""
     plt = _pyplot()
-    sim = pos_embed_similarity(pos_embed, num_prefix_tokens).cpu().numpy()
+    sim = pos_embed_similarity(pos_embed, num_prefix_tokens)
     side = sim.shape[0]
-    fig, axes = plt.subplots(side, side, figsize=(min(0.6 * side, 14), min(0.6 * side, 14)), squeeze=False)
+    cell = side + 1  # one pixel of padding between tiles
+    mosaic = torch.full((side * cell - 1, side * cell - 1), float("nan"))
     for i in range(side):
         for j in range(side):
-            axes[i][j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
-            axes[i][j].axis("off")
-    fig.suptitle("position embedding similarity", fontsize=9)
+            mosaic[i * cell:i * cell + side, j * cell:j * cell + side] = sim[i, j]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    im = ax.imshow(mosaic.numpy(), vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
+    ax.set_xticks([cell * j + side / 2 - 0.5 for j in range(side)], [str(j + 1) for j in range(side)], fontsize=6)
+    ax.set_yticks([cell * i + side / 2 - 0.5 for i in range(side)], [str(i + 1) for i in range(side)], fontsize=6)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
+    ax.set_title("position embedding similarity", fontsize=9)
     return _save(fig, path)
 
 
