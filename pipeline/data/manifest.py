@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.data.config import StorageConfig
-from pipeline.data.storage import get_filesystem, parent_url, url_join
+from pipeline.data.storage import open_url, parent_url, url_join
 
 __all__ = ["Manifest", "load_dataset_spec", "MANIFEST_FORMAT", "MANIFEST_NAME"]
 
@@ -130,9 +130,9 @@ def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manife
         raise ValueError(f"dataset pattern {spec!r} has no sample count: append it, "
                          "'URL-{000000..000099}.tar|NUM_SAMPLES' (or point at the dataset's manifest.json)")
     url = spec if spec.endswith(".json") else url_join(spec, MANIFEST_NAME)
-    fs, path = get_filesystem(url, storage)
     try:
-        with fs.open(path, "rb") as f:
+        # open_url retries a body cut off mid-read (a connection reset), like the loader's shard reads
+        with open_url(url, "rb", storage) as f:
             blob = f.read()
     except FileNotFoundError:
         raise ValueError(f"dataset manifest not found: {url} (write the dataset with `vitpipe shards write`, "
