@@ -271,21 +271,21 @@ def _export(cfg: Any, checkpoint: Any, out: PretrainResult) -> None:
         out.final_checkpoint = final_url
         log.info("final model (step %s) saved to %s", state["step"], final_url)
         sink = build_sink(cfg.tracking, 0, run_id=out.run_id, run_name=cfg.name)
-        sink.log_artifact(tmp, "final")
+        # --- model registry: the single call site (pipeline.tracking.registry, owned by the transfer area) ---
+        # A registered model's files are logged once, by the registry, under the run's `final/` artifacts.
+        if cfg.tracking.registered_model:
+            from pipeline.data.manifest import load_dataset_spec
+            from pipeline.tracking.registry import lineage_tags, register_checkpoint
+
+            out.registered = register_checkpoint(
+                tmp, name=cfg.tracking.registered_model, run_id=out.run_id,
+                tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
+                alias=cfg.tracking.register_alias, artifact_path="final",
+                tags=lineage_tags(cfg, run_id=out.run_id, step=int(state["step"]),
+                                  images_seen=int(state["step"]) * cfg.train.global_batch,
+                                  dataset=load_dataset_spec(cfg.data.train, cfg.storage)),
+            )
+        else:
+            sink.log_artifact(tmp, "final")
         sink.log_metrics({"final/step": float(state["step"])}, int(state["step"]))
         sink.close()
-        # --- model registry: the single call site (pipeline.tracking.registry, owned by the transfer area) ---
-        if cfg.tracking.registered_model:
-            try:
-                from pipeline.tracking.registry import lineage_tags, register_checkpoint
-            except ImportError:
-                log.warning("pipeline.tracking.registry is not available; %s not registered",
-                            cfg.tracking.registered_model)
-            else:
-                out.registered = register_checkpoint(
-                    tmp, name=cfg.tracking.registered_model, run_id=out.run_id,
-                    tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                    alias=cfg.tracking.register_alias,
-                    tags=lineage_tags(cfg, run_id=out.run_id, step=int(state["step"]),
-                                      images_seen=int(state["step"]) * cfg.train.global_batch),
-                )

@@ -85,6 +85,8 @@ def test_pretraining_registers_a_version_with_lineage(pretrained, mlflow_uri):
                 "code_version", "run_id"):
         assert v.tags.get(key), f"lineage tag {key} missing: {v.tags}"
     assert v.tags["resolution"] == "28" and v.tags["steps"] == "4"
+    assert v.tags["dataset.checksum"] not in ("", "unknown")  # the manifest's own checksum, not a placeholder
+    assert v.source == f"runs:/{pretrained.run_id}/final"  # the files are logged once, under the run's final/
 
 
 def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlflow_uri, tmp_path, capsys):
