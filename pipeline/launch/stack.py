@@ -82,6 +82,7 @@ class Stack:
     health_check: dict[str, int] = field(default_factory=dict)
     cpus_per_node: int = 2
     object_store_mb: int = 512
+    head_cpus: int | None = None  # None = cpus_per_node; 0 keeps tasks and training workers off the head
 
     # ------------------------------------------------------------------ paths and state
     @staticmethod
@@ -123,11 +124,12 @@ class Stack:
         object_store_mb: int = 512,
         health_check: dict[str, int] | None = None,
         timeout_s: float = 90.0,
+        head_cpus: int | None = None,
     ) -> "Stack":
         """Starts the stack and waits until every service is healthy. `ports` values of 0 mean "any free port"
         (single node only; in multi-node mode Ray listens inside its namespaces). `s3_endpoint` set = use that
-        endpoint (credentials from the environment) instead of starting moto. On failure everything started so
-        far is stopped again."""
+        endpoint (credentials from the environment) instead of starting moto. `head_cpus` (default: cpus_per_node)
+        = 0 keeps work off the head, as on real clusters. On failure everything started so far is stopped again."""
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         workdir = str(Path(workdir).resolve())
@@ -180,6 +182,7 @@ class Stack:
             health_check=health_check or {},
             cpus_per_node=cpus_per_node,
             object_store_mb=object_store_mb,
+            head_cpus=head_cpus,
         )
         stack._save()
         try:
@@ -279,7 +282,11 @@ class Stack:
         env = self.service_env()
         # job entrypoints say `python ...`: on this stack that is the Python that runs Ray (this venv)
         env["PATH"] = f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        if not multi:
+        if multi:
+            # gloo advertises the address the hostname resolves to (127.0.0.1 here, in every namespace), so ranks
+            # on other nodes could not connect: bind it to the node's own interface
+            env["GLOO_SOCKET_IFNAME"] = self._net().veth_node(i)
+        else:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on 127.0.0.1 (see ENVIRONMENT.md)
             # Ray's metrics ports are fixed by default; other Ray instances on this machine may hold them
             env["AUTOSCALER_METRIC_PORT"] = str(_free_port(ip))
@@ -288,7 +295,7 @@ class Stack:
         temp.mkdir(parents=True, exist_ok=True)
         cmd = [
             str(_BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", ip,
-            "--num-cpus", str(int(self.cpus_per_node)), "--object-store-memory", str(self.object_store_mb * 2**20),
+            "--num-cpus", str(int(self.cpus_per_node if i or self.head_cpus is None else self.head_cpus)), "--object-store-memory", str(self.object_store_mb * 2**20),
             "--temp-dir", str(temp), "--resources", json.dumps({f"vp_node_{i}": 1}),
         ]
         if i == 0:
