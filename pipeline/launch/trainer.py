@@ -202,10 +202,15 @@ def run_pretraining(cfg: Any, *, resume: bool = False, address: str | None = Non
     A run is identified by `<scaling.storage_path>/<name>`. Without `resume`, an existing run there is an
     error (so a typo cannot silently continue someone's run); with it, Ray restores the run's latest committed
     checkpoint and the workers continue the same MLflow run. `init`/`eval_hooks` are passed to the worker (see
-    pipeline.train.loop); `fault` is a TEST-ONLY failure injection."""
+    pipeline.train.loop); `fault` is a TEST-ONLY failure injection (default: $VITPIPE_TEST_FAULT as JSON)."""
     from pipeline.config import ConfigError
     from pipeline.tracking.sinks import create_run, end_run, resolve_tracking_uri
 
+    if fault is None and os.environ.get("VITPIPE_TEST_FAULT"):
+        # TEST ONLY: the same injection for runs started as cluster jobs (the variable reaches their driver)
+        import json
+
+        fault = json.loads(os.environ["VITPIPE_TEST_FAULT"])
     preflight(cfg)
     url = run_url(cfg)
     exists = _run_exists(url, cfg.storage)

@@ -368,11 +368,12 @@ class _TestHooks:
         self.kills = [k for k in kills if int(k.get("rank", 0)) == rank]
         self.path = Path(f"{fault['record']}.rank{rank}.jsonl") if fault.get("record") else None
         self.sleep_s = float(fault.get("step_sleep_s") or 0.0)
+        self.node_ip = fault.get("node_ip")
 
     def record(self, event: dict) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps({**event, "rank": self.rank, "time": time.time()}) + "\n")
+                f.write(json.dumps({**event, "rank": self.rank, "node_ip": self.node_ip, "time": time.time()}) + "\n")
 
     def digest(self, engine: Any) -> dict[str, float] | None:
         if self.path is None:
@@ -450,6 +451,8 @@ def train_worker(config: dict) -> None:
     spec = WorkerSpec.from_dict(config)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    if spec.fault and spec.fault.get("record"):  # TEST ONLY: which node each rank runs on
+        spec.fault = {**spec.fault, "node_ip": ray.util.get_node_ip_address()}
 
     def report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
         from pipeline.train.checkpoint import checkpoint_dir_name
