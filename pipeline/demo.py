@@ -1,0 +1,554 @@
+"""The end-to-end demo on one machine and real images: Fashion-MNIST shards -> ViT pretraining (DeepSpeed ZeRO-2 on 2
+Ray workers, few-shot evaluation, MLflow tracking, registry) -> transfer from the registry onto scikit-learn's digits
+-> the same budget from scratch -> a summary table.
+
+Everything lives under one workdir: shards in a local folder standing in for the object store, the runs and their
+checkpoints, a sqlite MLflow store with its artifacts. Ray is a local instance on 127.0.0.1. Each run starts clean
+(runs, MLflow store, transfer files are removed); shards written by an earlier run with the same sizes are reused.
+ray, mlflow and torch are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+import numpy as np
+
+__all__ = [
+    "DemoPlan", "PLANS", "DemoResult", "run_demo", "find_fashion_mnist", "digits_28px", "format_summary",
+    "FMNIST_CLASSES", "MARKER", "CONFIG_DIR",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+MARKER = ".vitpipe-demo"  # a workdir holding it was made by the demo: the demo may clean its own parts of it
+FMNIST_PACKAGE = "dataset-fashion-mnist"
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+DIGIT_CLASSES = [str(i) for i in range(10)]
+_CLEANED = ("runs", "mlflow.db", "mlartifacts", "transfer")  # what a new run removes; shards/ is reused
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo flavour. The training recipes themselves are the YAML files in configs/demo/."""
+
+    name: str
+    pretrain_config: str
+    transfer_config: str
+    fmnist_train: int           # first N images of Fashion-MNIST's training file
+    fmnist_val: int             # first N of its test file
+    fewshot_train: int          # the next N of the training file: the pool the k shots per class are drawn from
+    fewshot_test: int           # the next N of the test file
+    samples_per_shard: int
+    digits_train: int = 1000    # of scikit-learn's 1797 digits; the rest is the test split
+    digits_samples_per_shard: int = 250
+
+
+PLANS = {
+    "full": DemoPlan("full", "pretrain.yaml", "transfer.yaml", 20_000, 2_000, 1_000, 1_000, 1_000),
+    "quick": DemoPlan("quick", "pretrain-quick.yaml", "transfer-quick.yaml", 2_000, 512, 300, 300, 250),
+}
+
+
+@dataclass
+class StageTime:
+    name: str
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    workdir: Path
+    tracking_uri: str
+    pretrain_data: str                      # "fashion-mnist" or "digits" (fallback)
+    stages: list[StageTime] = field(default_factory=list)
+    data: dict[str, int] = field(default_factory=dict)          # split -> samples
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+
+    @property
+    def transfer_gain(self) -> float:
+        return self.transfer["top1"] - self.scratch["top1"]
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def find_fashion_mnist() -> dict[str, Path] | None:
+    """The four gzipped IDX files of the Debian package dataset-fashion-mnist, or None when it is not installed."""
+    candidates = [FMNIST_DIR]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        listed = subprocess.run(["dpkg", "-L", FMNIST_PACKAGE], capture_output=True, text=True, timeout=20)
+        if listed.returncode == 0:
+            dirs = {Path(line).parent for line in listed.stdout.splitlines() if line.endswith("-ubyte.gz")}
+            candidates = sorted(dirs) + candidates
+    for d in candidates:
+        files = {k: d / name for k, name in FMNIST_FILES.items()}
+        if all(p.is_file() for p in files.values()):
+            return files
+    return None
+
+
+def digits_28px(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits (1797 real scans, 0..16) upsampled bilinearly to uint8 [N, size, size]."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy(), d.target.astype(np.int64)
+
+
+class _Slice:
+    """A contiguous range of another source (here: of an IDX file), written by the data area's shard writer."""
+
+    def __init__(self, source: Any, start: int, stop: int):
+        if not 0 <= start < stop <= len(source):
+            raise ValueError(f"slice [{start}, {stop}) outside a source of {len(source)} samples")
+        self.source, self.start, self.stop = source, start, stop
+        self.kind, self.class_names, self.label_type = source.kind, source.class_names, source.label_type
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def item(self, i: int) -> Any:
+        return self.source.item(self.start + i)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "range": [self.start, self.stop]}
+
+
+def _existing(dest: Path, name: str, samples: int) -> str | None:
+    """The manifest URL of shards an earlier demo run wrote with the same dataset and size, if any."""
+    manifest = dest / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        from pipeline.data.manifest import load_dataset_spec
+
+        m = load_dataset_spec(str(manifest))
+    except (ValueError, OSError):
+        return None
+    return str(manifest) if m.name == name and m.num_samples == samples else None
+
+
+def _write(source: Any, dest: Path, *, name: str, split: str, per_shard: int, say: Callable[[str], None]) -> str:
+    from pipeline.data.shards import write_shards
+
+    url = _existing(dest, name, len(source))
+    if url:
+        say(f"  {name}/{split}: reusing {len(source)} samples at {dest}")
+        return url
+    if dest.exists():
+        shutil.rmtree(dest)
+    t = time.perf_counter()
+    url = write_shards(source, str(dest), name=name, split=split, samples_per_shard=per_shard, progress=False)
+    say(f"  {name}/{split}: wrote {len(source)} samples in {-(-len(source) // per_shard)} shards to {dest} "
+        f"({time.perf_counter() - t:.1f} s)")
+    return url
+
+
+def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) -> tuple[str, dict[str, str],
+                                                                                          dict[str, int]]:
+    """Stage 1: the pretraining splits (Fashion-MNIST, or digits when it is absent) and the digits splits.
+    Returns (pretraining dataset name, split -> manifest URL, split -> samples)."""
+    from pipeline.data.sources import ArraySource, IdxSource
+
+    urls: dict[str, str] = {}
+    digits, digit_labels = digits_28px()
+    order = np.random.default_rng(0).permutation(len(digits))  # the scans are grouped by writer: mix them
+    digits, digit_labels = digits[order], digit_labels[order]
+    n = plan.digits_train
+    digit_sources = {
+        "train": ArraySource(digits[:n], digit_labels[:n], DIGIT_CLASSES),
+        "test": ArraySource(digits[n:], digit_labels[n:], DIGIT_CLASSES),
+    }
+    files = find_fashion_mnist()
+    if files is not None:
+        dataset = "fashion-mnist"
+        say(f"  Fashion-MNIST from {files['train_images'].parent}")
+        train = IdxSource(str(files["train_images"]), str(files["train_labels"]), FMNIST_CLASSES)
+        test = IdxSource(str(files["test_images"]), str(files["test_labels"]), FMNIST_CLASSES)
+        a, b = plan.fmnist_train, plan.fmnist_val
+        pre = {
+            "train": _Slice(train, 0, a),
+            "val": _Slice(test, 0, b),
+            "fewshot-train": _Slice(train, a, a + plan.fewshot_train),
+            "fewshot-test": _Slice(test, b, b + plan.fewshot_test),
+        }
+    else:
+        dataset = "digits"
+        say(f"  NOTE: Fashion-MNIST not found (Debian package {FMNIST_PACKAGE} is not installed: "
+            f"`apt-get install {FMNIST_PACKAGE}`, or `make setup` as root). Falling back to scikit-learn's digits for "
+            "pretraining too, so the transfer comparison below is NOT meaningful.")
+        pre = {
+            "train": digit_sources["train"], "val": digit_sources["test"],
+            "fewshot-train": digit_sources["train"], "fewshot-test": digit_sources["test"],
+        }
+    for split, src in pre.items():
+        urls[split] = _write(src, shards / dataset / split, name=dataset, split=split, per_shard=plan.samples_per_shard,
+                             say=say)
+    for split, src in digit_sources.items():
+        urls[f"digits-{split}"] = _write(src, shards / "digits" / split, name="digits", split=split,
+                                         per_shard=plan.digits_samples_per_shard, say=say)
+    sizes = {split: len(src) for split, src in pre.items()}
+    sizes.update({f"digits-{s}": len(src) for s, src in digit_sources.items()})
+    return dataset, urls, sizes
+
+
+# -- progress: MLflow metrics as they arrive ------------------------------------------------------------------------
+class MetricsTail(threading.Thread):
+    """Prints the running MLflow run's metrics (the newest RUNNING run named `run_name` in `experiment`) as the
+    workers log them: the workers' sink writes to MLflow only, this makes the steps visible on the console."""
+
+    KEYS = ("train/loss", "train/lr", "perf/images_per_s", "val/loss", "val/prec1")
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, total_steps: int, label: str,
+                 say: Callable[[str], None], interval_s: float = 2.0):
+        super().__init__(daemon=True, name=f"metrics-tail-{label}")
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.total, self.label, self.say, self.interval = total_steps, label, say, interval_s
+        self.run_id: str | None = None
+        self._printed = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+        self.poll()  # what arrived since the last poll
+
+    def poll(self) -> None:
+        try:
+            self._poll()
+        except Exception:  # noqa: BLE001 - sqlite busy, run not created yet: the next poll catches up
+            pass
+
+    def _poll(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        if self.run_id is None:
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                return
+            runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{self.run_name}' and "
+                                      "attributes.status = 'RUNNING'", order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+            if not runs:
+                return
+            self.run_id = runs[0].info.run_id
+        latest = client.get_run(self.run_id).data.metrics
+        keys = [k for k in self.KEYS if k in latest] + sorted(
+            (k for k in latest if k.startswith("fewshot/")), key=lambda k: (len(k), k))  # 1shot before 10shot
+        by_step: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in client.get_metric_history(self.run_id, key):
+                if m.step > self._printed:
+                    by_step.setdefault(m.step, {})[key] = m.value
+        for step in sorted(by_step):
+            if "train/loss" not in by_step[step] and step != max(by_step):
+                continue
+            self.say(f"  [{self.label}] step {step:>4}/{self.total}  " + "  ".join(
+                f"{k.split('/', 1)[1] if k.startswith(('train/', 'perf/')) else k} {_fmt(v)}"
+                for k, v in by_step[step].items()))
+            self._printed = step
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3e}" if 0 < abs(v) < 1e-2 else f"{v:.4g}"
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _prepare_workdir(workdir: Path, say: Callable[[str], None]) -> None:
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise ValueError(
+            f"demo workdir {workdir} exists, is not empty and was not made by the demo (no {MARKER} file); "
+            "choose another --workdir or an empty directory"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `vitpipe demo`; a new demo run removes runs/, mlflow.db, mlartifacts/ "
+                                  "and transfer/ here and reuses shards/\n")
+    removed = []
+    for name in _CLEANED:
+        p = workdir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(name)
+        elif p.exists():
+            p.unlink()
+            removed.append(name)
+    if removed:
+        say(f"  cleaned the previous demo run in {workdir}: {', '.join(removed)} (shards/ is reused)")
+
+
+@contextlib.contextmanager
+def _demo_environment(say: Callable[[str], None], worker_logs: bool) -> Iterator[None]:
+    """Embedded defaults: a local Ray on loopback and the demo's own MLflow store, whatever the shell points at.
+    Unless `worker_logs`, the Ray workers' output stays in Ray's log files: the console shows the stages and the
+    metrics as MLflow receives them (MetricsTail)."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_LOG_TO_DRIVER")}
+    for k, v in saved.items():
+        if v and k != "RAY_LOG_TO_DRIVER":
+            say(f"  note: ignoring ${k}={v} (the demo runs on embedded defaults)")
+        os.environ.pop(k, None)
+    defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+                "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vitpipe" / "torch_extensions")}
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    if not worker_logs:
+        # read by ray.init (through ray_constants) when the trainer starts the local Ray without saying
+        os.environ["RAY_LOG_TO_DRIVER"] = "0"
+        if "ray._private.ray_constants" in sys.modules:
+            sys.modules["ray._private.ray_constants"].RAY_LOG_TO_DRIVER = False
+        say("  Ray workers' output goes to /tmp/ray/session_latest/logs/ (--worker-logs shows it here)")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ensure_experiment(tracking_uri: str, name: str, artifacts: Path) -> None:
+    """Experiments with their artifacts under the workdir (a sqlite store alone would put them in ./mlruns)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=(artifacts / name).resolve().as_uri())
+
+
+def _history(tracking_uri: str, run_id: str, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def top1_accuracy(checkpoint_dir: str | Path, manifest_url: str, data_cfg: Any, batch_size: int = 128) -> float:
+    """Top-1 of a saved model (model format) over a whole split, eval transform, one process."""
+    import torch
+
+    from pipeline.data.loader import build_loader
+    from pipeline.model.checkpoint import load_model
+
+    model = load_model(checkpoint_dir).eval()
+    loader = build_loader(manifest_url, data_cfg.model_copy(update={"num_workers": 0}), batch_size=batch_size,
+                          image_size=model.cfg.image_size, in_chans=model.cfg.in_chans, train=False,
+                          num_classes=model.cfg.num_classes, drop_last=False)
+    correct = count = 0
+    with torch.no_grad():
+        for batch in loader:
+            correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
+            count += len(batch["label"])
+    if count == 0:
+        raise ValueError(f"{manifest_url}: no samples to evaluate")
+    return correct / count
+
+
+class _Stages:
+    def __init__(self, result: DemoResult, say: Callable[[str], None], total: int):
+        self.result, self.say, self.total, self.index = result, say, total, 0
+
+    @contextlib.contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        self.index += 1
+        self.say("\n" + "=" * 100 + f"\n[demo {self.index}/{self.total}] {title}\n" + "=" * 100)
+        t = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t
+        self.result.stages.append(StageTime(title.split(":")[0], dt))
+        self.say(f"[demo {self.index}/{self.total}] done in {dt:.1f} s")
+
+
+# -- the demo -------------------------------------------------------------------------------------------------------
+def run_demo(workdir: str | Path = "demo-out", *, quick: bool = False, worker_logs: bool = False,
+             out: TextIO | None = None) -> DemoResult:
+    """Runs the whole demo (see the module docstring) and returns its figures; prints progress and the summary.
+    `worker_logs`: also stream the Ray workers' own output (DeepSpeed, Ray Train) to the console."""
+    out = out or sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    plan = PLANS["quick" if quick else "full"]
+    for f in (plan.pretrain_config, plan.transfer_config):
+        if not (CONFIG_DIR / f).is_file():
+            raise FileNotFoundError(f"demo recipe {CONFIG_DIR / f} is missing (run the demo from a source checkout)")
+    workdir = Path(workdir).resolve()
+    t0 = time.perf_counter()
+    with _demo_environment(say, worker_logs):
+        _prepare_workdir(workdir, say)
+        tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        result = DemoResult(workdir, tracking_uri, "")
+        stages = _Stages(result, say, 5)
+        try:
+            _run_stages(plan, workdir, result, stages, say)
+        finally:
+            _shutdown_ray()
+    total = time.perf_counter() - t0
+    result.stages.append(StageTime("total", total))
+    say("\n" + format_summary(result, plan))
+    return result
+
+
+def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stages, say: Callable[[str], None]) -> None:
+    from pipeline.config import RunConfig, load_config
+    from pipeline.launch.trainer import run_pretraining
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.transfer.config import TransferRunConfig
+    from pipeline.transfer.job import finetune_model_config, run_transfer
+
+    uri, runs, artifacts = result.tracking_uri, workdir / "runs", workdir / "mlartifacts"
+
+    with stages.stage(f"data: shards of real images ({plan.name} demo)"):
+        dataset, urls, sizes = write_demo_data(plan, workdir / "shards", say)
+        result.pretrain_data, result.data = dataset, sizes
+
+    pre_cfg = load_config(CONFIG_DIR / plan.pretrain_config, [
+        f"data.train={urls['train']}", f"data.val={urls['val']}", f"data.fewshot_train={urls['fewshot-train']}",
+        f"data.fewshot_test={urls['fewshot-test']}", f"scaling.storage_path={runs}", f"tracking.tracking_uri={uri}",
+        f"train.fewshot_name={'fmnist' if dataset == 'fashion-mnist' else dataset}",
+    ], RunConfig)
+    tr_cfg = load_config(CONFIG_DIR / plan.transfer_config, [
+        f"data.train={urls['digits-train']}", f"data.val={urls['digits-test']}", f"scaling.storage_path={runs}",
+        f"tracking.tracking_uri={uri}",
+    ], TransferRunConfig)
+    for exp in {pre_cfg.tracking.experiment, tr_cfg.tracking.experiment}:
+        _ensure_experiment(uri, exp, artifacts)
+
+    m, t = pre_cfg.model, pre_cfg.train
+    with stages.stage(f"pretrain: {m.name} at {m.image_size} px on {dataset}, DeepSpeed ZeRO-{t.zero.stage} on "
+                      f"{pre_cfg.scaling.num_workers} Ray workers, {t.steps} steps x {t.global_batch} images"):
+        tail = MetricsTail(uri, pre_cfg.tracking.experiment, pre_cfg.name, t.steps, "pretrain", say)
+        tail.start()
+        try:
+            pre = run_pretraining(pre_cfg)
+        finally:
+            tail.stop()
+        if pre.registered is None:
+            raise RuntimeError("pretraining did not register its final model")
+        losses = _history(uri, pre.run_id, "train/loss")
+        shots = {k: _history(uri, pre.run_id, f"fewshot/{t.fewshot_name or 'fmnist'}_{k}shot") for k in t.fewshot_shots}
+        result.pretrain = {
+            "run_id": pre.run_id, "model": m.name, "steps": t.steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "fewshot": {k: v[-1] for k, v in shots.items() if v},
+            "val_prec1": (_history(uri, pre.run_id, "val/prec1") or [float("nan")])[-1],
+            "registered": f"models:/{pre.registered.name}/{pre.registered.version}",
+            "source": f"models:/{pre.registered.name}@{pre_cfg.tracking.register_alias}",
+            "final_checkpoint": pre.final_checkpoint,
+        }
+        say(f"  registered {result.pretrain['registered']} (alias @{pre_cfg.tracking.register_alias})")
+
+    source = result.pretrain["source"]
+    tt = tr_cfg.train
+    budget = f"{tt.steps} steps x {tt.global_batch} images, {tt.optim.name} lr {tt.optim.lr}"
+    with stages.stage(f"transfer: {source} -> digits at {tr_cfg.model.image_size} px ({budget})"):
+        tail = MetricsTail(uri, tr_cfg.tracking.experiment, tr_cfg.name, tt.steps, "transfer", say)
+        tail.start()
+        try:
+            tr = run_transfer(tr_cfg, source=source, workdir=workdir / "transfer")
+        finally:
+            tail.stop()
+        acc = top1_accuracy(tr.checkpoint_dir, tr_cfg.data.val, tr_cfg.data)
+        result.transfer = {"run_id": tr.run_id, "top1": acc, "driver_top1": tr.metrics.get("final/top1"),
+                           "registered": f"models:/{tr.registered.name}/{tr.registered.version}" if tr.registered
+                           else None}
+        say(f"  transfer top-1 on {result.data['digits-test']} test digits: {acc:.2%}; registered "
+            f"{result.transfer['registered']}")
+
+    with stages.stage(f"scratch: the same model and budget on digits from a random init ({budget})"):
+        _, src_model, _ = load_checkpoint(Path(result.pretrain["final_checkpoint"]))
+        scratch_cfg = RunConfig(
+            name=f"{tr_cfg.name}-scratch", model=finetune_model_config(src_model, tr_cfg.model), data=tr_cfg.data,
+            train=tr_cfg.train, scaling=tr_cfg.scaling, storage=tr_cfg.storage,
+            tracking=tr_cfg.tracking.model_copy(update={"registered_model": None}),
+        )
+        tail = MetricsTail(uri, tr_cfg.tracking.experiment, scratch_cfg.name, tt.steps, "scratch", say)
+        tail.start()
+        try:
+            sc = run_pretraining(scratch_cfg)  # the transfer's worker, with no init checkpoint
+        finally:
+            tail.stop()
+        acc = top1_accuracy(sc.final_checkpoint, tr_cfg.data.val, tr_cfg.data)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.log_metric(sc.run_id, "final/top1", acc, step=tt.steps)
+        client.set_tag(sc.run_id, "demo.baseline_of", tr.run_id)
+        result.scratch = {"run_id": sc.run_id, "top1": acc}
+        say(f"  from-scratch top-1 on {result.data['digits-test']} test digits: {acc:.2%}")
+
+    with stages.stage("registry: what the MLflow model registry now holds"):
+        from pipeline.tracking.registry import describe_model
+
+        for name in (pre_cfg.tracking.registered_model, tr_cfg.tracking.registered_model):
+            d = describe_model(name, uri)
+            for v in d["versions"]:
+                aliases = [a for a, ver in d["aliases"].items() if str(ver) == v["version"]]
+                lineage = {k: v["tags"][k] for k in ("model.variant", "resolution", "steps", "source.uri", "run_id")
+                           if k in v["tags"]}
+                say(f"  {name} v{v['version']} @{','.join(aliases) or '-'}  {lineage}")
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
+    """The summary table printed at the end of the demo."""
+    times = {s.name: s.seconds for s in result.stages}
+    p, tr, sc = result.pretrain, result.transfer, result.scratch
+    shots = "  ".join(f"{k}-shot {v:.1%}" for k, v in sorted(p.get("fewshot", {}).items()))
+    d = result.data
+    rows = [
+        ("1 data", times.get("data"), f"{result.pretrain_data}: train {d.get('train')}, val {d.get('val')}, "
+         f"few-shot {d.get('fewshot-train')}/{d.get('fewshot-test')}; digits {d.get('digits-train')}/"
+         f"{d.get('digits-test')}"),
+        ("2 pretrain", times.get("pretrain"), f"{p.get('model')} {p.get('steps')} steps: loss {p.get('first_loss', 0):.3f} "
+         f"-> {p.get('last_loss', 0):.3f}; val top-1 {p.get('val_prec1', float('nan')):.1%}"),
+        ("", None, f"few-shot ({result.pretrain_data}): {shots}"),
+        ("3 transfer", times.get("transfer"), f"digits top-1 {tr.get('top1', float('nan')):.1%}  (from {p.get('source')})"),
+        ("4 scratch", times.get("scratch"), f"digits top-1 {sc.get('top1', float('nan')):.1%}  (same steps/batch/optimiser)"),
+        ("5 registry", times.get("registry"), f"{p.get('registered')}, {tr.get('registered')}"),
+        ("total", times.get("total"), ""),
+    ]
+    width = max(len(r[2]) for r in rows)
+    lines = [f"vitpipe demo summary ({plan.name if plan else ''}; workdir {result.workdir})",
+             f"{'stage':<11} {'wall':>8}  result", f"{'-' * 11} {'-' * 8}  {'-' * width}"]
+    for name, secs, text in rows:
+        lines.append(f"{name:<11} {(f'{secs:.1f} s' if secs is not None else ''):>8}  {text}")
+    if tr and sc:
+        gain = result.transfer_gain
+        verdict = "transfer beats scratch" if gain > 0 else "NOTE: transfer did NOT beat scratch"
+        lines.append(f"{verdict}: {gain * 100:+.1f} points top-1 on digits")
+    lines += ["", "MLflow UI on this demo's store:", f"  {result.ui_command}"]
+    return "\n".join(lines)
