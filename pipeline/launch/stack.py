@@ -286,6 +286,9 @@ class Stack:
             # gloo advertises the address the hostname resolves to (127.0.0.1 here, in every namespace), so ranks
             # on other nodes could not connect: bind it to the node's own interface
             env["GLOO_SOCKET_IFNAME"] = self._net().veth_node(i)
+            # the caller may have started a loopback-only local Ray before (connect_ray sets this to 0 in its
+            # environment, which nodes inherit): worker nodes would then refuse to join
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
         else:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on 127.0.0.1 (see ENVIRONMENT.md)
             # Ray's metrics ports are fixed by default; other Ray instances on this machine may hold them
