@@ -27,7 +27,7 @@ from tests.fixtures.ray_stack import multinode_available
 pytestmark = [pytest.mark.integration]
 
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
-STEPS = 40
+STEPS = 24
 
 
 def _submit(stack, *extra: str) -> subprocess.Popen:
