@@ -187,8 +187,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         resharded = int(state["world_size"]) != world_size
         if resharded:
             log.warning("checkpoint %s was written by %s workers, this run has %d: resuming through a universal "
-                        "checkpoint; the data loader restarts epoch %s", restore_dir, state["world_size"],
-                        world_size, (state.get("loader") or {}).get("epoch"))
+                        "checkpoint; the data loader restarts the epoch in progress", restore_dir,
+                        state["world_size"], world_size)
             state["loader"] = _resharded_loader_state(restore_dir, int(state["world_size"]), rank)
         else:
             state = ckpt.read_train_state(restore_dir, rank)
