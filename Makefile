@@ -14,8 +14,9 @@ STAMP := $(VENV)/.setup-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEBIAN_PACKAGES := dataset-fashion-mnist chromium iproute2
 
-# DeepSpeed JIT-compiles ops on first use; keep them in a cache that survives fresh clones.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vitpipe/torch_extensions
+# DeepSpeed JIT-compiles ops on first use; keep them in a cache that survives re-runs, one per venv (an op built
+# against another venv's headers is rebuilt on every load, so two venvs sharing one cache thrash it).
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vitpipe/torch_extensions/$(shell printf '%s' '$(abspath $(VENV))' | md5sum | cut -c1-12)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
