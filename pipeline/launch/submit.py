@@ -35,7 +35,7 @@ FORWARDED_ENV = (
 _SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "CREDENTIAL", "AUTH"}
 # Patterns are gitignore-style relative to the project root; anchored with "/" so that e.g. pipeline/data/ stays.
 WORKING_DIR_EXCLUDES = [
-    "/.venv", "/.git", "/runs", "/data", "/mlruns", "/mlartifacts", "/mlflow.db", "/.vitpipe-stack",
+    "/.venv", "/.git", "/runs", "/data", "/demo-out", "/mlruns", "/mlartifacts", "/mlflow.db", "/.vitpipe-stack",
     "/.pytest_cache", "/build", "/dist", "*.egg-info", "__pycache__", "*.pyc", "*.safetensors", "*.tar",
     "*.ckpt", "*.pt",
 ]
