@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-__all__ = ["add_config_args"]
+__all__ = ["add_config_args", "reported_cluster_errors"]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -14,3 +15,21 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="dotted overrides, e.g. --set train.optim.lr=3e-4 model.name=vit_b16",
     )
+
+
+def reported_cluster_errors(fn):
+    """Wraps a cluster command: an unreachable or refusing cluster is explained in one line (exit 2), not a
+    traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except Exception as e:  # noqa: BLE001 - ray's AuthenticationError is imported lazily, matched by name
+            if getattr(args, "verbose", False) or not (
+                isinstance(e, (ConnectionError, RuntimeError)) or type(e).__name__ == "AuthenticationError"
+            ):
+                raise
+            print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+
+    return run

@@ -8,24 +8,9 @@ import sys
 
 from pipeline.commands import add_config_args
 
+from pipeline.commands import reported_cluster_errors as _reported
+
 __all__ = ["register"]
-
-
-def _reported(fn):
-    """An unreachable or refusing cluster is explained in one line (exit 2), not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except Exception as e:  # noqa: BLE001 - ray's AuthenticationError is imported lazily, matched by name
-            if getattr(args, "verbose", False) or not (
-                isinstance(e, (ConnectionError, RuntimeError)) or type(e).__name__ == "AuthenticationError"
-            ):
-                raise
-            print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _common(p: argparse.ArgumentParser) -> None:
