@@ -16,24 +16,14 @@ import json
 import math
 import tempfile
 
-import numpy as np
 import pytest
+
+from tests.fixtures.faults import CLASSES, synthetic
 
 pytestmark = pytest.mark.integration
 
 SMOKE = "configs/pretrain/smoke.yaml"
 STEPS = 6
-CLASSES = 4
-
-
-def _synthetic(n: int, seed: int, size: int = 16):
-    """Images of 4 classes: a fixed blocky random prototype per class plus noise (learnable in a few steps, and
-    still after a random crop)."""
-    protos = np.random.default_rng(1234).integers(0, 256, (CLASSES, size // 4, size // 4)).repeat(4, 1).repeat(4, 2)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n)
-    images = np.clip(protos[labels] + rng.normal(0, 30, (n, size, size)), 0, 255).astype(np.uint8)
-    return images, labels
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def datasets(buckets, s3_server):
     names = {"train": (128, 0, 16), "val": (64, 1, 32), "onebatch": (64, 2, 32)}
     out = {}
     for split, (n, seed, per_shard) in names.items():
-        images, labels = _synthetic(n, seed)
+        images, labels = synthetic(n, seed)
         out[split] = write_array_shards(
             images, labels, f"s3://pretrain-data/synth/{split}", name="synth", split=split,
             class_names=[str(i) for i in range(CLASSES)], samples_per_shard=per_shard, storage=storage,
