@@ -73,17 +73,11 @@ def test_cut_node_fails_clearly_and_resume_continues(stack_factory, tmp_path, mo
     fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
                            endpoint_url=stack.s3_endpoint, skip_instance_cache=True)
     images, labels = synthetic(128, 0)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({k: env[k] for k in saved})
-    try:
+    with monkeypatch.context() as m:  # the stack's own credentials, only while writing
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            m.setenv(k, env[k])
         write_array_shards(images, labels, f"s3://{stack.bucket}/faults/train", name="synth", split="train",
                            class_names=[str(i) for i in range(CLASSES)], samples_per_shard=16, storage=storage)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     run_root = f"{stack.bucket}/runs/cut"
 
     def committed() -> list[int]:
