@@ -17,6 +17,10 @@ DEBIAN_PACKAGES := dataset-fashion-mnist chromium iproute2
 # DeepSpeed JIT-compiles ops on first use; keep them in a cache that survives re-runs, one per venv (an op built
 # against another venv's headers is rebuilt on every load, so two venvs sharing one cache thrash it).
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vitpipe/torch_extensions/$(shell printf '%s' '$(abspath $(VENV))' | md5sum | cut -c1-12)
+# The venv's tools first, as an activated venv has them: torch builds those ops with the first `ninja` on PATH, and
+# two ninjas (the venv's pip one, Debian's ninja-build) hash their command lines differently, so every process
+# that found the other one rebuilt the ops (~1-2 min of both cores, several times per test run).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
@@ -45,7 +49,7 @@ debian-packages:
 	else echo "note: not root or no apt-get; skipping Debian packages ($(DEBIAN_PACKAGES)); the demo falls back to scikit-learn digits"; fi
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

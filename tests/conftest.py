@@ -17,6 +17,11 @@ os.environ.setdefault(
     str(Path.home() / ".cache/vitpipe/torch_extensions" / hashlib.md5(sys.prefix.encode()).hexdigest()[:12]),
 )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the venv's tools first, as the Makefile (an activated venv) has them: torch builds DeepSpeed's ops with the first
+# `ninja` on PATH, and a second ninja (Debian's) on another process's PATH would make every switch a rebuild
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 pytest_plugins = sorted(
     f"tests.fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__"
