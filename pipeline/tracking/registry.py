@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import tempfile
@@ -18,8 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
+from pipeline.tracking.run import TrackedRun
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+    from pipeline.config import RunConfig
+    from pipeline.model.config import ModelConfig
+    from pipeline.transfer.config import TransferRunConfig
 
 __all__ = [
     "RegistryError",
@@ -84,11 +90,6 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The explicit URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db made absolute (as the metrics sinks do)."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
 def _client(tracking_uri: str | None) -> "MlflowClient":
     from mlflow import MlflowClient
 
@@ -131,13 +132,13 @@ def code_version() -> str:
 
 
 def lineage_tags(
-    cfg: Any,
+    cfg: "RunConfig | TransferRunConfig",
     *,
     run_id: str | None,
     step: int | None = None,
     images_seen: int | None = None,
     dataset: Any = None,
-    model_cfg: Any = None,
+    model_cfg: "ModelConfig | None" = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Tags that say where a checkpoint came from. `cfg` is the resolved RunConfig (or TransferRunConfig);
@@ -172,54 +173,39 @@ def _check_checkpoint_dir(path: Path) -> None:
         )
 
 
-def _ensure_experiment(client: "MlflowClient", name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
-
-
 def register_checkpoint(
     checkpoint_dir: str | Path,
     *,
+    run_id: str,
     name: str,
-    run_id: str | None = None,
     tracking_uri: str | None = None,
-    experiment: str = "vit-pretrain",
     alias: str | None = "latest",
     tags: Mapping[str, Any] | None = None,
     artifact_path: str = DEFAULT_ARTIFACT_PATH,
     description: str | None = None,
 ) -> RegisteredVersion:
-    """Logs a checkpoint folder (model.safetensors + model.json) to `run_id` (a new run in `experiment` when
-    None) under `artifact_path`, registers it as a new version of `name` with `tags`, and points `alias` at it."""
+    """Logs a checkpoint folder (model.safetensors + model.json) to the run `run_id` under `artifact_path`,
+    registers it as a new version of `name` with `tags`, and points `alias` at it. The run belongs to its
+    `TrackedRun` (pipeline.tracking.run), which calls this through `run.register(...)`."""
     from mlflow.exceptions import MlflowException
 
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint_dir(checkpoint_dir)
     client = _client(tracking_uri)
-    own_run = run_id is None
-    if own_run:
-        run_id = client.create_run(_ensure_experiment(client, experiment), run_name=f"register-{name}").info.run_id
+    # Only our two files: a checkpoint folder may also hold DeepSpeed shards or loader state.
+    for f in CHECKPOINT_FILES:
+        client.log_artifact(run_id, str(checkpoint_dir / f), artifact_path)
     try:
-        # Only our two files: a checkpoint folder may also hold DeepSpeed shards or loader state.
-        for f in CHECKPOINT_FILES:
-            client.log_artifact(run_id, str(checkpoint_dir / f), artifact_path)
-        try:
-            client.create_registered_model(name, description=description)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        all_tags = {FORMAT_TAG: FORMAT_VALUE, **{k: str(v) for k, v in (tags or {}).items()}}
-        mv = client.create_model_version(
-            name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=all_tags, description=description
-        )
-        if alias and alias.lower() != LATEST:
-            client.set_registered_model_alias(name, alias, mv.version)
-        if own_run:
-            client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        if own_run:
-            client.set_terminated(run_id, "FAILED")
-        raise
+        client.create_registered_model(name, description=description)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    all_tags = {FORMAT_TAG: FORMAT_VALUE, **{k: str(v) for k, v in (tags or {}).items()}}
+    mv = client.create_model_version(
+        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=all_tags, description=description
+    )
+    if alias and alias.lower() != LATEST:
+        client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s (alias %s) from run %s", name, mv.version, alias, run_id)
     return RegisteredVersion(name, str(mv.version), mv.source, run_id, all_tags, (alias,) if alias else ())
 
@@ -413,8 +399,6 @@ def import_weights(
     with open(file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    client = _client(tracking_uri)
-    run_id = client.create_run(_ensure_experiment(client, experiment), run_name=f"import-{name}").info.run_id
     tags = {
         "import.file": file.name,
         "import.source": source,
@@ -423,17 +407,12 @@ def import_weights(
         "model.variant": model_cfg.name,
         "config_hash": config_hash(model_cfg),
         "code_version": code_version(),
-        "run_id": run_id,
     }
-    try:
-        for key in ("import.file", "import.source", "import.sha256", "model.variant", "resolution"):
-            client.log_param(run_id, key, tags[key])
+    tracking = TrackingConfig(sink="mlflow", tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment)
+    with TrackedRun.open(tracking, f"import-{name}") as run:
+        run.log_params({k: tags[k] for k in ("import.file", "import.source", "import.sha256", "model.variant",
+                                             "resolution")})
         with tempfile.TemporaryDirectory(prefix="vitpipe-import-") as tmp:
             save_checkpoint(tmp, converted, model_cfg, {"imported_from": file.name, "source": source})
-            version = register_checkpoint(tmp, name=name, run_id=run_id, tracking_uri=tracking_uri, alias=alias,
-                                          tags=tags)
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
+            version = run.register(tmp, name=name, alias=alias, tags={**tags, "run_id": run.run_id})
     return version

@@ -1,6 +1,7 @@
-"""Metrics sinks: where the trainer's params, per-step metrics and artifacts go. The trainer only ever talks to a
-`MetricsSink`; MLflow is one implementation (leader-only, lazily imported, non-blocking: a background thread ships
-batches and keeps them buffered while the server is unreachable)."""
+"""Metrics sinks: where a worker's per-step metrics (and a few params and artifacts) go. The training loop only ever
+talks to a `MetricsSink`, built from the run's `RunRef` (pipeline.tracking.run); MLflow is one implementation
+(leader-only, lazily imported, non-blocking: a background thread ships batches and keeps them buffered while the
+server is unreachable)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from pipeline.tracking.config import TrackingConfig
+if TYPE_CHECKING:
+    from pipeline.tracking.run import RunRef
 
-__all__ = [
-    "MetricsSink",
-    "NullSink",
-    "StdoutSink",
-    "MlflowSink",
-    "build_sink",
-    "create_run",
-    "end_run",
-    "resolve_tracking_uri",
-    "flatten_params",
-]
+__all__ = ["MetricsSink", "NullSink", "StdoutSink", "MlflowSink", "build_sink", "flatten_params"]
 
 log = logging.getLogger(__name__)
 
@@ -224,43 +216,16 @@ class MlflowSink(MetricsSink):
                 self._shipping = False
 
 
-def resolve_tracking_uri(tracking: TrackingConfig) -> str:
-    """Config, else $MLFLOW_TRACKING_URI, else a sqlite file in the current directory (made absolute, so that
-    workers with another working directory write to the same database)."""
-    uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
-    return uri
-
-
-def create_run(tracking: TrackingConfig, run_name: str, tags: Mapping[str, str] | None = None) -> str:
-    """Creates the MLflow run (and the experiment if missing) and returns its id. Called by the driver so that
-    every restart of the worker group logs into the same run."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking))
-    exp = client.get_experiment_by_name(tracking.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(tracking.experiment)
-    run = client.create_run(exp_id, run_name=tracking.run_name or run_name, tags=dict(tags or {}))
-    return run.info.run_id
-
-
-def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
-    """Marks the run finished (or FAILED/KILLED)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(resolve_tracking_uri(tracking)).set_terminated(run_id, status)
-
-
-def build_sink(tracking: TrackingConfig, rank: int, run_id: str | None = None, run_name: str = "vit") -> MetricsSink:
-    """The sink for this rank: only rank 0 logs; the others get a null sink."""
-    if rank != 0 or tracking.sink == "null":
+def build_sink(run: "RunRef", rank: int) -> MetricsSink:
+    """The sink rank `rank` logs to: rank 0 logs to the run (`TrackedRun.ref`), the others get a null sink. A sink
+    never creates a run: the job's driver owns it."""
+    if rank != 0 or run.sink == "null":
         return NullSink()
-    if tracking.sink == "stdout":
+    if run.sink == "stdout":
         return StdoutSink()
-    if run_id is None:
-        run_id = create_run(tracking, run_name)
-    return MlflowSink(resolve_tracking_uri(tracking), run_id, tracking.flush_every_s)
+    if not run.run_id or not run.tracking_uri:
+        raise ValueError(f"an MLflow sink needs the run's id and tracking URI, got {run!r}")
+    return MlflowSink(run.tracking_uri, run.run_id, run.flush_every_s)
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,15 +14,17 @@ def test_mlflow_sink_survives_server_restart(mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking.config import TrackingConfig
-    from pipeline.tracking.sinks import build_sink, create_run
+    from pipeline.tracking.run import TrackedRun
+    from pipeline.tracking.sinks import build_sink
 
     # fail fast inside the background thread while the server is down (MLflow's own retries take minutes)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     tracking = TrackingConfig(sink="mlflow", tracking_uri=mlflow_server.url, experiment="test-sinks",
                               flush_every_s=0.2)
-    run_id = create_run(tracking, "sink-outage")
-    sink = build_sink(tracking, rank=0, run_id=run_id)
+    run = TrackedRun.open(tracking, "sink-outage").__enter__()  # ended below, after the outage
+    run_id = run.run_id
+    sink = build_sink(run.ref, rank=0)
     client = MlflowClient(mlflow_server.url)
     try:
         sink.log_params({"train": {"optim": {"lr": 0.001}}, "name": "sink-outage"})
@@ -40,6 +42,7 @@ def test_mlflow_sink_survives_server_restart(mlflow_server, monkeypatch):
         if not mlflow_server.running:
             mlflow_server.start()
     sink.close(timeout_s=60)
+    run.__exit__(None, None, None)
 
     hist = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert hist == pytest.approx({1: 2.0, 2: 1.8, 3: 1.7, 4: 1.6})

@@ -16,10 +16,10 @@ from pipeline.tracking.registry import (
     download_checkpoint,
     import_weights,
     list_models,
-    register_checkpoint,
     resolve_version,
     set_alias,
 )
+from tests.fixtures.mlflow import register_in_new_run
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +37,8 @@ def pico_checkpoint(tmp_path_factory):
 
 def test_register_resolve_download_round_trip(mlflow_uri, pico_checkpoint, tmp_path):
     tags = {"dataset.url": "s3://b/fmnist/train/manifest.json", "steps": "20"}
-    v1 = register_checkpoint(pico_checkpoint, name="reg-roundtrip", alias="champion", tags=tags)
-    v2 = register_checkpoint(pico_checkpoint, name="reg-roundtrip", alias="latest", tags=tags)
+    v1 = register_in_new_run(pico_checkpoint, name="reg-roundtrip", alias="champion", tags=tags)
+    v2 = register_in_new_run(pico_checkpoint, name="reg-roundtrip", alias="latest", tags=tags)
     assert (v1.version, v2.version) == ("1", "2")
     assert v1.source == f"runs:/{v1.run_id}/checkpoint"
 
@@ -62,7 +62,7 @@ def test_register_resolve_download_round_trip(mlflow_uri, pico_checkpoint, tmp_p
 
 
 def test_unknown_names_versions_and_aliases_list_what_exists(mlflow_uri, pico_checkpoint):
-    register_checkpoint(pico_checkpoint, name="reg-errors", alias="prod")
+    register_in_new_run(pico_checkpoint, name="reg-errors", alias="prod")
     with pytest.raises(RegistryError, match=r"no registered model named 'nope'.*registered models: .*reg-errors"):
         resolve_version("models:/nope@prod")
     with pytest.raises(RegistryError, match=r"'reg-errors' has no version 7; versions: 1; aliases: @prod -> 1"):
@@ -123,9 +123,49 @@ def test_import_timm_weights_and_the_registry_cli(mlflow_uri, tmp_path, capsys):
 
 
 def test_the_registry_survives_a_server_restart(mlflow_server, mlflow_uri, pico_checkpoint):
-    v = register_checkpoint(pico_checkpoint, name="reg-restart", alias="prod")
+    v = register_in_new_run(pico_checkpoint, name="reg-restart", alias="prod")
     mlflow_server.stop()
     assert not mlflow_server.healthy()
     mlflow_server.start()
     assert mlflow_server.url == mlflow_uri
     assert resolve_version("models:/reg-restart@prod").source == v.source
+
+
+def test_tracked_run_owns_the_run_lifecycle(mlflow_uri):
+    """The only creator of experiments and runs: model-training experiments, FINISHED / FAILED / KILLED endings,
+    a resumed run RUNNING again under its own id, an unknown resume id starting a new run that says so."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.config import TrackingConfig
+    from pipeline.tracking.run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RunStopped, TrackedRun
+
+    client = MlflowClient(mlflow_uri)
+    client.create_experiment("track-old")  # made elsewhere, without the kind tag
+    tracking = TrackingConfig(sink="mlflow", tracking_uri=mlflow_uri, experiment="track-new")
+    with TrackedRun.open(tracking, "ok", tags={"k": "v"}) as ok:
+        ok.log_params({"a": {"b": 1}})
+        ok.log_metrics({"m": 0.5}, 2)
+        ok.set_tags({"t": 1})
+        assert client.get_run(ok.run_id).info.status == "RUNNING"
+    run = client.get_run(ok.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"a.b": "1"} and run.data.metrics == {"m": 0.5}
+    assert run.data.tags["k"] == "v" and run.data.tags["t"] == "1" and run.info.run_name == "ok"
+    for name in ("track-new", "track-old"):
+        with TrackedRun.open(tracking.model_copy(update={"experiment": name}), "tagged"):
+            pass
+        assert client.get_experiment_by_name(name).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+    with pytest.raises(RuntimeError), TrackedRun.open(tracking, "failed") as failed:
+        raise RuntimeError("boom")
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    with pytest.raises(RunStopped), TrackedRun.open(tracking, "stopped") as stopped:
+        raise RunStopped("stopped", 3, "s3://b/runs/stopped/checkpoint_00000003")
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+
+    with TrackedRun.open(tracking, "stopped", resume_id=stopped.run_id) as resumed:
+        assert resumed.resumed and resumed.run_id == stopped.run_id
+        assert client.get_run(stopped.run_id).info.status == "RUNNING"
+    assert client.get_run(stopped.run_id).info.status == "FINISHED"
+    with TrackedRun.open(tracking, "elsewhere", resume_id="0" * 32) as fresh:
+        assert not fresh.resumed and fresh.run_id != "0" * 32
+    assert client.get_run(fresh.run_id).data.tags["vitpipe.resumed_from"] == "0" * 32

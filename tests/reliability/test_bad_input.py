@@ -171,10 +171,10 @@ def mlflow_world(mlflow_server, tmp_path_factory):
 
     from pipeline.model import build_model
     from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.tracking.registry import register_checkpoint
+    from tests.fixtures.mlflow import register_in_new_run
 
     ckpt = save_checkpoint(tmp_path_factory.mktemp("src"), build_model("vit_pico4", image_size=8, num_classes=3))
-    register_checkpoint(ckpt, name="badinput-src", tracking_uri=mlflow_server.url, alias="champion",
+    register_in_new_run(ckpt, name="badinput-src", tracking_uri=mlflow_server.url, alias="champion",
                         experiment="bad-input")
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.get_experiment_by_name("bad-input").experiment_id).info.run_id

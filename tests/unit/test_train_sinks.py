@@ -1,9 +1,15 @@
-"""Metrics sinks that need no server: parameter flattening, leader-only selection, stdout format."""
+"""Metrics sinks and the tracked run's pieces that need no server: parameter flattening, leader-only selection,
+stdout format, how a run ends, the worker's reference to the run."""
 
 from __future__ import annotations
 
-from pipeline.tracking.config import TrackingConfig
-from pipeline.tracking.sinks import MlflowSink, NullSink, StdoutSink, build_sink, flatten_params, resolve_tracking_uri
+import pickle
+
+import pytest
+
+from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
+from pipeline.tracking.run import RunRef, RunStopped, TrackedRun, end_status
+from pipeline.tracking.sinks import MlflowSink, NullSink, StdoutSink, build_sink, flatten_params
 
 
 def test_flatten_params():
@@ -13,14 +19,16 @@ def test_flatten_params():
                     "empty": {}}
 
 
-def test_only_rank_zero_logs(tmp_path):
-    cfg = TrackingConfig(sink="mlflow", tracking_uri=f"sqlite:///{tmp_path}/never.db")
-    # ranks other than 0 never touch MLflow (no run is created, no database file appears)
-    assert isinstance(build_sink(cfg, rank=1, run_id="abc"), NullSink)
+def test_only_rank_zero_logs_and_a_sink_never_creates_a_run(tmp_path):
+    ref = RunRef(sink="mlflow", tracking_uri=f"sqlite:///{tmp_path}/never.db", run_id="abc")
+    # ranks other than 0 never touch MLflow (no database file appears)
+    assert isinstance(build_sink(ref, rank=1), NullSink)
     assert not (tmp_path / "never.db").exists()
-    assert isinstance(build_sink(TrackingConfig(sink="null"), rank=0), NullSink)
-    assert isinstance(build_sink(TrackingConfig(sink="stdout"), rank=0), StdoutSink)
-    assert MlflowSink is not None
+    assert isinstance(build_sink(RunRef(sink="null"), rank=0), NullSink)
+    assert isinstance(build_sink(RunRef(sink="stdout"), rank=0), StdoutSink)
+    with pytest.raises(ValueError, match="needs the run's id"):
+        build_sink(RunRef(sink="mlflow", tracking_uri=ref.tracking_uri), rank=0)
+    assert MlflowSink is not None and not (tmp_path / "never.db").exists()
 
 
 def test_stdout_sink(capsys):
@@ -35,7 +43,36 @@ def test_stdout_sink(capsys):
 def test_tracking_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://h:1")) == "http://h:1"
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("http://h:1") == "http://h:1"
+
+
+@pytest.mark.parametrize("exc, status", [
+    (None, "FINISHED"), (RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+    (RunStopped("r", 3, "s3://b/r/checkpoint_00000003"), "KILLED"), (SystemExit(15), "KILLED"),
+    (SystemExit(0), "FINISHED"),
+])
+def test_how_a_run_ends(exc, status):
+    assert end_status(exc) == status
+
+
+def test_run_ref_crosses_processes_without_a_client():
+    ref = RunRef(sink="mlflow", tracking_uri="http://10.0.0.1:5000", run_id="abc", flush_every_s=0.5)
+    assert pickle.loads(pickle.dumps(ref)) == ref
+    with pytest.raises(ValueError):
+        RunRef(sink="mlflow", client=object())  # only ids and URIs
+
+
+def test_registering_needs_the_mlflow_sink():
+    with pytest.raises(ValueError, match=r"registered_model 'm' needs the MLflow run .*tracking\.sink=mlflow"):
+        TrackingConfig(sink="stdout", registered_model="m")
+
+
+def test_stdout_run_prints_and_ends(capsys):
+    with TrackedRun.open(TrackingConfig(sink="stdout"), "r1") as run:
+        run.log_metrics({"final/top1": 0.5}, 3)
+    out = capsys.readouterr().out
+    assert "[run] r1 (new)" in out and "[step 3] final/top1 0.5" in out and "[run] r1 FINISHED" in out
+    assert run.status == "FINISHED" and run.run_id is None
