@@ -59,7 +59,7 @@ def main() -> int:
     ])
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg.model)
-    engine = build_engine(model, cfg, 1, param_groups(model, cfg.train.optim.weight_decay))
+    engine = build_engine(model, cfg.train, 1, param_groups(model, cfg.train.optim.weight_decay))
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=engine.device, dtype=torch.bfloat16)
     y = torch.randint(0, 1000, (args.batch,), device=engine.device)
     times = []

@@ -69,7 +69,7 @@ def _ray_deepspeed_worker(config: dict) -> None:
     cfg = _cfg(args, 2, "fp32", world)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    engine = build_engine(model, cfg, world, param_groups(model, cfg.train.optim.weight_decay))
+    engine = build_engine(model, cfg.train, world, param_groups(model, cfg.train.optim.weight_decay))
     x, y = _batch(args, rank)
     times = []
     for step in range(args.warmup + args.steps):
@@ -209,7 +209,7 @@ def _memory_worker(rank: int, world: int, port: int, args, stage: int, out) -> N
     before = _live_tensor_bytes()
     model = build_model(cfg.model)
     n = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, cfg, world, param_groups(model, 0.1))
+    engine = build_engine(model, cfg.train, world, param_groups(model, 0.1))
     del model
     x = torch.randn(1, 3, cfg.model.image_size, cfg.model.image_size, dtype=torch.bfloat16)
     y = torch.zeros(1, dtype=torch.long)

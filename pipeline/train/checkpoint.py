@@ -4,7 +4,8 @@ Also the final export: ZeRO shards consolidated into one fp32 state dict in the 
 
 Layout of one checkpoint directory (ranks write their own files; Ray merges them in storage):
     <tag>/...                      DeepSpeed's files (model states, ZeRO optimizer shards), `latest`
-    train_state.rank<R>.json       step, tag, world_size, run_id, loader state of rank R
+    train_state.rank<R>.json       step, tag, world_size, run_id, loader state of rank R, the model config and the
+                                   resolved run config
     COMMITTED.rank<R>              written last by rank R; a checkpoint is complete when all ranks' markers exist
 """
 
@@ -18,9 +19,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.data.config import StorageConfig
+
+if TYPE_CHECKING:
+    from pipeline.model.config import ModelConfig
 
 __all__ = [
     "checkpoint_tag",
@@ -31,8 +35,10 @@ __all__ = [
     "read_train_state",
     "is_complete",
     "find_latest_complete",
+    "latest_state",
     "export_final",
     "upload_dir",
+    "remove_dir",
     "fetch_checkpoint",
 ]
 
@@ -119,6 +125,7 @@ def find_latest_complete(run_url: str, storage: StorageConfig | None = None) -> 
     from pipeline.data.storage import get_filesystem
 
     fs, root = get_filesystem(run_url, storage)
+    fs.invalidate_cache(root)  # Ray prunes old checkpoints (num_to_keep): a cached listing may name gone ones
     try:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
@@ -131,12 +138,24 @@ def find_latest_complete(run_url: str, storage: StorageConfig | None = None) -> 
     for step, path in sorted(found, reverse=True):
         try:
             names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        except FileNotFoundError:
+            complete = _complete(names, lambda n, p=path: fs.cat_file(f"{p}/{n}").decode())
+        except FileNotFoundError:  # removed while we looked
             continue
-        if _complete(names, lambda n, p=path: fs.cat_file(f"{p}/{n}").decode()):
+        if complete:
             return _with_protocol(run_url, path)
         log.warning("ignoring uncommitted checkpoint %s", path)
     return None
+
+
+def latest_state(run_url: str, storage: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
+    """(URL, rank 0's training state) of the newest committed checkpoint of a run, or None."""
+    from pipeline.data.storage import get_filesystem
+
+    latest = find_latest_complete(run_url, storage)
+    if latest is None:
+        return None
+    fs, path = get_filesystem(latest, storage)
+    return latest, json.loads(fs.cat_file(f"{path}/{_STATE.format(0)}"))
 
 
 def _with_protocol(like_url: str, path: str) -> str:
@@ -144,7 +163,8 @@ def _with_protocol(like_url: str, path: str) -> str:
     return f"{proto}://{path}" if proto and proto != "file" else path
 
 
-def export_final(checkpoint_dir: str | Path, model_cfg: Any, out_dir: str | Path, extra: dict | None = None) -> Path:
+def export_final(checkpoint_dir: str | Path, model_cfg: "ModelConfig | dict", out_dir: str | Path,
+                 extra: dict | None = None) -> Path:
     """Consolidates a complete training checkpoint into one fp32 state dict and saves it in the model's checkpoint
     format (model.safetensors + model.json) in the local directory `out_dir`. `model_cfg`: the ModelConfig (or
     its dict) of the trained model."""
@@ -172,6 +192,17 @@ def upload_dir(local_dir: str | Path, dest_url: str, storage: StorageConfig | No
     for name in sorted(names, key=lambda n: n == "model.json"):
         fs.put_file(str(Path(local_dir) / name), f"{dest.rstrip('/')}/{name}")
     return dest_url
+
+
+def remove_dir(url: str, storage: StorageConfig | None = None) -> None:
+    """Deletes a folder (and everything under it) in storage; a missing one is fine."""
+    from pipeline.data.storage import get_filesystem
+
+    fs, path = get_filesystem(url, storage)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager

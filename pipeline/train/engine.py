@@ -40,10 +40,9 @@ def gradient_accumulation(train: TrainConfig, world_size: int) -> int:
     return train.global_batch // per_step
 
 
-def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for `cfg.train` on `world_size` data-parallel ranks. Generated, never written
-    by hand: every value here comes from the typed config (or is a fixed choice explained beside it)."""
-    train: TrainConfig = cfg.train
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `train` on `world_size` data-parallel ranks. Generated, never written by
+    hand: every value here comes from the typed config (or is a fixed choice explained beside it)."""
     accum = gradient_accumulation(train, world_size)
     opt = train.optim
     if opt.name == "adamw":
@@ -96,19 +95,19 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_engine(model: "nn.Module", cfg: Any, world_size: int, params: list[dict] | None = None, *,
+def build_engine(model: "nn.Module", train: TrainConfig, world_size: int, params: list[dict] | None = None, *,
                  load_universal: bool = False):
     """`deepspeed.initialize` with the generated config and our warmup/decay schedule (a LambdaLR stepped by
     the engine once per optimizer step). `params`: optimizer parameter groups (default: all trainable).
     `load_universal`: the engine will load a universal checkpoint (`to_universal`), e.g. on another world size."""
     import deepspeed
 
-    ds = deepspeed_config(cfg, world_size)
+    ds = deepspeed_config(train, world_size)
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    factor = lr_lambda(cfg.train.schedule, cfg.train.steps)
+    factor = lr_lambda(train.schedule, train.steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,

@@ -35,12 +35,12 @@ SMOKE_DS_2_WORKERS = {
 
 
 def test_smoke_deepspeed_config_snapshot():
-    assert deepspeed_config(load_config(SMOKE), world_size=2) == SMOKE_DS_2_WORKERS
+    assert deepspeed_config(load_config(SMOKE).train, world_size=2) == SMOKE_DS_2_WORKERS
 
 
 def test_paper_recipe_deepspeed_config():
     cfg = load_config("configs/pretrain/vit-b16-i21k.yaml", ["scaling.num_workers=16"])
-    ds = deepspeed_config(cfg, world_size=16)
+    ds = deepspeed_config(cfg.train, world_size=16)
     assert ds["train_batch_size"] == 4096
     assert ds["train_micro_batch_size_per_gpu"] == 64
     assert ds["gradient_accumulation_steps"] == 4  # 4096 = 64 x 16 x 4
@@ -54,7 +54,7 @@ def test_zero_stages_and_offload(stage):
     over = [f"train.zero.stage={stage}", "train.zero.offload_optimizer=true"]
     if stage == 3:
         over.append("train.zero.offload_params=true")
-    ds = deepspeed_config(load_config(SMOKE, over), world_size=2)
+    ds = deepspeed_config(load_config(SMOKE, over).train, world_size=2)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     assert zero["offload_optimizer"]["device"] == "cpu"
@@ -69,18 +69,18 @@ def test_offload_params_needs_stage3():
 
 def test_sgd_and_precisions():
     ds = deepspeed_config(load_config(SMOKE, ["train.optim.name=sgd", "train.optim.momentum=0.9",
-                                              "train.precision=bf16"]), world_size=1)
+                                              "train.precision=bf16"]).train, world_size=1)
     assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 3e-3, "momentum": 0.9, "weight_decay": 0.1}}
     assert ds["zero_allow_untested_optimizer"] is True
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert deepspeed_config(load_config(SMOKE, ["train.precision=fp16"]), 1)["fp16"]["enabled"]
+    assert deepspeed_config(load_config(SMOKE, ["train.precision=fp16"]).train, 1)["fp16"]["enabled"]
 
 
 @pytest.mark.parametrize("workers,accum", [(1, 2), (2, 1)])
 def test_global_batch_is_fixed(workers, accum):
     train = load_config(SMOKE).train  # global 64, micro 32
     assert gradient_accumulation(train, workers) == accum
-    assert deepspeed_config(load_config(SMOKE), workers)["train_batch_size"] == 64
+    assert deepspeed_config(train, workers)["train_batch_size"] == 64
 
 
 def test_indivisible_global_batch_is_a_clear_error():
