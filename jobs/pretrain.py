@@ -3,7 +3,8 @@
 Runs on the cluster's driver (submitted with `vitpipe submit pretrain ...`, which connects through $RAY_ADDRESS):
 checks the config, trains with DeepSpeed workers under Ray Train, exports the final model to
 <storage>/<name>/final and logs it to MLflow. Exit codes: 0 done, 2 bad input (reported before any worker
-started), 1 failure during the run.
+started), 143 stopped (SIGTERM, `vitpipe jobs stop`: every rank committed a checkpoint at the same step; submit
+again with --resume), 1 failure during the run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.config import ConfigError, RunConfig, load_config
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
+    from pipeline.tracking.run import RunStopped
 
     try:
         cfg = load_config(args.config, args.overrides, RunConfig)
@@ -35,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # preflight: nothing started
         print(f"pretrain job: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"pretrain job: {e}", file=sys.stderr)
+        return e.exit_code
     print(json.dumps({"name": result.name, "run_id": result.run_id, "final_checkpoint": result.final_checkpoint,
-                      "step": result.metrics.get("step")}, indent=2))
+                      "step": result.step}, indent=2))
     return 0
 
 

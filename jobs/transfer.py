@@ -2,7 +2,8 @@
 
 Runs on the cluster's driver (submitted with `vitpipe submit transfer ...`): resolves the registered source model,
 checks everything, fine-tunes with the pretraining worker under Ray Train, evaluates, logs and registers.
-Exit codes: 0 done, 2 bad input (reported before any worker started), 1 failure during the run.
+Exit codes: 0 done, 2 bad input (reported before any worker started), 143 stopped (SIGTERM), 1 failure during
+the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pipeline.config import ConfigError, load_config
+    from pipeline.tracking.run import RunStopped
     from pipeline.transfer.config import TransferRunConfig
     from pipeline.transfer.job import run_transfer
 
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"transfer job: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"transfer job: {e}", file=sys.stderr)
+        return e.exit_code
     summary = {"run_id": result.run_id, "metrics": result.metrics, "artifacts": result.artifacts,
                "registered": result.registered.uri if result.registered else None}
     print(json.dumps(summary, indent=2))

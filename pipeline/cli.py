@@ -13,6 +13,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.config import ConfigError
+from pipeline.tracking.run import RunStopped
 
 __all__ = ["main", "build_parser"]
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except RunStopped as e:  # SIGTERM: every rank committed a checkpoint at the same step
+        print(f"vitpipe {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except BrokenPipeError:  # `vitpipe model list | head`: the reader went away; not an error of ours
         sys.stdout = None
         return 0

@@ -15,13 +15,23 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
+
+from pipeline.config import RunConfig, load_config
+from pipeline.data.config import DataConfig
+from pipeline.launch.trainer import fit
+from pipeline.model.checkpoint import load_checkpoint, load_model
+from pipeline.pretrain import run_pretraining
+from pipeline.tracking.registry import describe_model
+from pipeline.tracking.run import TrackedRun, metric_history
+from pipeline.tracking.tail import MetricsTail
+from pipeline.transfer.config import TransferRunConfig
+from pipeline.transfer.job import finetune_model_config, run_transfer, training_config
 
 __all__ = [
     "DemoPlan", "PLANS", "DemoResult", "run_demo", "find_fashion_mnist", "digits_28px", "format_summary",
@@ -215,72 +225,6 @@ def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) ->
     return dataset, urls, sizes
 
 
-# -- progress: MLflow metrics as they arrive ------------------------------------------------------------------------
-class MetricsTail(threading.Thread):
-    """Prints the running MLflow run's metrics (the newest RUNNING run named `run_name` in `experiment`) as the
-    workers log them: the workers' sink writes to MLflow only, this makes the steps visible on the console."""
-
-    KEYS = ("train/loss", "train/lr", "perf/images_per_s", "val/loss", "val/prec1")
-
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, total_steps: int, label: str,
-                 say: Callable[[str], None], interval_s: float = 2.0):
-        super().__init__(daemon=True, name=f"metrics-tail-{label}")
-        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.total, self.label, self.say, self.interval = total_steps, label, say, interval_s
-        self.run_id: str | None = None
-        self._printed = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.poll()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-        self.poll()  # what arrived since the last poll
-
-    def poll(self) -> None:
-        try:
-            self._poll()
-        except Exception:  # noqa: BLE001 - sqlite busy, run not created yet: the next poll catches up
-            pass
-
-    def _poll(self) -> None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        if self.run_id is None:
-            exp = client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                return
-            runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{self.run_name}' and "
-                                      "attributes.status = 'RUNNING'", order_by=["attributes.start_time DESC"],
-                                      max_results=1)
-            if not runs:
-                return
-            self.run_id = runs[0].info.run_id
-        latest = client.get_run(self.run_id).data.metrics
-        keys = [k for k in self.KEYS if k in latest] + sorted(
-            (k for k in latest if k.startswith("fewshot/")), key=lambda k: (len(k), k))  # 1shot before 10shot
-        by_step: dict[int, dict[str, float]] = {}
-        for key in keys:
-            for m in client.get_metric_history(self.run_id, key):
-                if m.step > self._printed:
-                    by_step.setdefault(m.step, {})[key] = m.value
-        for step in sorted(by_step):
-            if "train/loss" not in by_step[step] and step != max(by_step):
-                continue
-            self.say(f"  [{self.label}] step {step:>4}/{self.total}  " + "  ".join(
-                f"{k.split('/', 1)[1] if k.startswith(('train/', 'perf/')) else k} {_fmt(v)}"
-                for k, v in by_step[step].items()))
-            self._printed = step
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.3e}" if 0 < abs(v) < 1e-2 else f"{v:.4g}"
-
-
 # -- helpers --------------------------------------------------------------------------------------------------------
 def _prepare_workdir(workdir: Path, say: Callable[[str], None]) -> None:
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
@@ -334,32 +278,21 @@ def _demo_environment(say: Callable[[str], None], worker_logs: bool) -> Iterator
                 os.environ[k] = v
 
 
-def _ensure_experiment(tracking_uri: str, name: str, artifacts: Path) -> None:
-    """Experiments with their artifacts under the workdir (a sqlite store alone would put them in ./mlruns)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name, artifact_location=(artifacts / name).resolve().as_uri())
-
-
 def _history(tracking_uri: str, run_id: str, key: str) -> list[float]:
-    from mlflow import MlflowClient
-
-    return [m.value for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [v for _, v in metric_history(tracking_uri, run_id, key)]
 
 
-def top1_accuracy(checkpoint_dir: str | Path, manifest_url: str, data_cfg: Any, batch_size: int = 128) -> float:
+def top1_accuracy(checkpoint_dir: str | Path, manifest_url: str, data_cfg: DataConfig, batch_size: int = 128) -> float:
     """Top-1 of a saved model (model format) over a whole split, eval transform, one process."""
     import torch
 
     from pipeline.data.loader import build_loader
-    from pipeline.model.checkpoint import load_model
 
     model = load_model(checkpoint_dir).eval()
-    loader = build_loader(manifest_url, data_cfg.model_copy(update={"num_workers": 0}), batch_size=batch_size,
-                          image_size=model.cfg.image_size, in_chans=model.cfg.in_chans, train=False,
-                          num_classes=model.cfg.num_classes, drop_last=False)
+    # in this process (no DataLoader workers): a one-off pass over a small split
+    loader = build_loader(manifest_url, DataConfig.model_validate({**data_cfg.model_dump(), "num_workers": 0}),
+                          batch_size=batch_size, image_size=model.cfg.image_size, in_chans=model.cfg.in_chans,
+                          train=False, num_classes=model.cfg.num_classes, drop_last=False)
     correct = count = 0
     with torch.no_grad():
         for batch in loader:
@@ -417,13 +350,7 @@ def run_demo(workdir: str | Path = "demo-out", *, quick: bool = False, worker_lo
 
 
 def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stages, say: Callable[[str], None]) -> None:
-    from pipeline.config import RunConfig, load_config
-    from pipeline.launch.trainer import run_pretraining
-    from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.transfer.config import TransferRunConfig
-    from pipeline.transfer.job import finetune_model_config, run_transfer
-
-    uri, runs, artifacts = result.tracking_uri, workdir / "runs", workdir / "mlartifacts"
+    uri, runs, artifacts = result.tracking_uri, workdir / "runs", (workdir / "mlartifacts").as_uri()
 
     with stages.stage(f"data: shards of real images ({plan.name} demo)"):
         dataset, urls, sizes = write_demo_data(plan, workdir / "shards", say)
@@ -432,14 +359,12 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
     pre_cfg = load_config(CONFIG_DIR / plan.pretrain_config, [
         f"data.train={urls['train']}", f"data.val={urls['val']}", f"data.fewshot_train={urls['fewshot-train']}",
         f"data.fewshot_test={urls['fewshot-test']}", f"scaling.storage_path={runs}", f"tracking.tracking_uri={uri}",
-        f"train.fewshot_name={'fmnist' if dataset == 'fashion-mnist' else dataset}",
+        f"tracking.artifact_root={artifacts}", f"train.fewshot_name={'fmnist' if dataset == 'fashion-mnist' else dataset}",
     ], RunConfig)
     tr_cfg = load_config(CONFIG_DIR / plan.transfer_config, [
         f"data.train={urls['digits-train']}", f"data.val={urls['digits-test']}", f"scaling.storage_path={runs}",
-        f"tracking.tracking_uri={uri}",
+        f"tracking.tracking_uri={uri}", f"tracking.artifact_root={artifacts}",
     ], TransferRunConfig)
-    for exp in {pre_cfg.tracking.experiment, tr_cfg.tracking.experiment}:
-        _ensure_experiment(uri, exp, artifacts)
 
     m, t = pre_cfg.model, pre_cfg.train
     with stages.stage(f"pretrain: {m.name} at {m.image_size} px on {dataset}, DeepSpeed ZeRO-{t.zero.stage} on "
@@ -483,29 +408,23 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
 
     with stages.stage(f"scratch: the same model and budget on digits from a random init ({budget})"):
         _, src_model, _ = load_checkpoint(Path(result.pretrain["final_checkpoint"]))
-        scratch_cfg = RunConfig(
-            name=f"{tr_cfg.name}-scratch", model=finetune_model_config(src_model, tr_cfg.model), data=tr_cfg.data,
-            train=tr_cfg.train, scaling=tr_cfg.scaling, storage=tr_cfg.storage,
-            tracking=tr_cfg.tracking.model_copy(update={"registered_model": None}),
-        )
+        # the transfer job's own training config, with the same architecture and no init checkpoint
+        scratch_cfg = training_config(tr_cfg, finetune_model_config(src_model, tr_cfg.model),
+                                      name=f"{tr_cfg.name}-scratch")
         tail = MetricsTail(uri, tr_cfg.tracking.experiment, scratch_cfg.name, tt.steps, "scratch", say)
         tail.start()
         try:
-            sc = run_pretraining(scratch_cfg)  # the transfer's worker, with no init checkpoint
+            with TrackedRun.open(scratch_cfg.tracking, scratch_cfg.name, tags={"demo.baseline_of": tr.run_id}) as run:
+                run.log_params(scratch_cfg.model_dump(mode="json"))
+                sc = fit(scratch_cfg, run=run.ref)
+                acc = top1_accuracy(sc.final_checkpoint, tr_cfg.data.val, tr_cfg.data)
+                run.log_metrics({"final/top1": acc}, tt.steps)
         finally:
             tail.stop()
-        acc = top1_accuracy(sc.final_checkpoint, tr_cfg.data.val, tr_cfg.data)
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        client.log_metric(sc.run_id, "final/top1", acc, step=tt.steps)
-        client.set_tag(sc.run_id, "demo.baseline_of", tr.run_id)
-        result.scratch = {"run_id": sc.run_id, "top1": acc}
+        result.scratch = {"run_id": run.run_id, "top1": acc}
         say(f"  from-scratch top-1 on {result.data['digits-test']} test digits: {acc:.2%}")
 
     with stages.stage("registry: what the MLflow model registry now holds"):
-        from pipeline.tracking.registry import describe_model
-
         for name in (pre_cfg.tracking.registered_model, tr_cfg.tracking.registered_model):
             d = describe_model(name, uri)
             for v in d["versions"]:

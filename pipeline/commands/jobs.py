@@ -22,9 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     lg = jsub.add_parser("logs", help="a job's logs")
     lg.add_argument("job_id")
     lg.add_argument("--follow", action="store_true", help="stream until the job ends; exit code = its status")
-    sp = jsub.add_parser("stop", help="stop a running job")
+    sp = jsub.add_parser("stop", help="stop a running job: a training job finishes its step on every rank, commits "
+                         "a checkpoint and ends its MLflow run KILLED (continue it with submit ... --resume)")
     sp.add_argument("job_id")
     sp.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    sp.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits (default 900)")
     for q, fn in ((ls, _list), (st, _status), (lg, _logs), (sp, _stop)):
         q.add_argument("--address", help="Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
         q.set_defaults(func=_reported(fn))
@@ -69,7 +71,7 @@ def _stop(args: argparse.Namespace) -> int:
 
     client = S.job_client(args.address)
     client.stop_job(args.job_id)
-    print(f"stop requested: {args.job_id}")
+    print(f"stop requested: {args.job_id}", flush=True)
     if args.wait:
-        print(f"{args.job_id}: {S.wait(client, args.job_id, timeout_s=120)}")
+        print(f"{args.job_id}: {S.wait(client, args.job_id, timeout_s=args.timeout)}")
     return 0

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub = p.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
     up = ssub.add_parser("up", help="start the stack and wait until it is healthy")
     up.add_argument("--nodes", type=int, default=1,
-                    help="Ray nodes; >1 puts each in its own network namespace on --subnet (needs root)")
+                    help="Ray nodes; >1 (root) emulates machines that share nothing: each node in its own network "
+                    "namespace on --subnet and its own mount namespace (private /tmp, HOME, working dir, caches); "
+                    "the head (node 0) runs drivers and takes no workers")
     up.add_argument("--subnet", default="10.213.0.0/24", help="private /24 for multi-node mode")
     up.add_argument("--ray-port", type=int, default=6379, help="GCS port (0 = any free port)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / job submission port")
@@ -27,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--bucket", default="vitpipe", help="bucket for data and MLflow artifacts (created if missing)")
     up.add_argument("--backend-store-uri", help="MLflow backend store, e.g. postgresql://... (default: sqlite)")
     up.add_argument("--cpus-per-node", type=int, default=2)
+    up.add_argument("--head-cpus", type=int, default=None,
+                    help="CPUs Ray may use on the head (default: 0 with several nodes, --cpus-per-node with one)")
     up.add_argument("--object-store-mb", type=int, default=512)
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
     up.set_defaults(func=_up)
@@ -79,7 +83,7 @@ def _up(args: argparse.Namespace) -> int:
     stack = Stack.up(
         args.workdir, nodes=args.nodes, subnet=args.subnet, s3_endpoint=args.s3_endpoint, bucket=args.bucket,
         ports={"ray": args.ray_port, "dashboard": args.dashboard_port, "s3": args.s3_port, "mlflow": args.mlflow_port},
-        backend_store_uri=args.backend_store_uri, cpus_per_node=args.cpus_per_node,
+        backend_store_uri=args.backend_store_uri, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
         object_store_mb=args.object_store_mb, timeout_s=args.timeout,
     )
     print(f"stack up: {stack.nodes} Ray node(s) {', '.join(stack.node_ips)}")

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ScalingConfig"]
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+__all__ = ["ScalingConfig", "is_node_local", "is_placeholder", "check_storage", "SHARED_STORAGE_HINT"]
+
+
+def is_node_local(path: str) -> bool:
+    """A directory on one machine's disk (a plain path or file://), not an object store URL."""
+    return "://" not in path or path.startswith("file://")
+
+
+def is_placeholder(value: str) -> bool:
+    """The recipes' "<...>" values that a user must replace before running."""
+    return value.startswith("<") and value.endswith(">")
 
 
 class ScalingConfig(BaseModel):
@@ -16,6 +31,36 @@ class ScalingConfig(BaseModel):
     gpus_per_worker: float = Field(1.0, ge=0, description="used only when use_gpu")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
     address: str | None = Field(None, description="Ray cluster address; null = $RAY_ADDRESS or start a local one")
-    storage_path: str = Field("./runs", description="where runs and checkpoints go: s3://bucket/runs or a directory")
+    storage_path: str = Field(
+        "./runs", description="where runs and checkpoints go: s3://bucket/runs (every node must reach it), or a "
+        "directory for one machine (see shared_filesystem)"
+    )
+    shared_filesystem: bool = Field(
+        False, description="storage_path is a directory every node mounts (NFS, Lustre...): allow a plain path on "
+        "a multi-node or GPU cluster"
+    )
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
     num_to_keep: int | None = Field(2, gt=0, description="checkpoints kept; null = all")
+    stop_grace_s: int = Field(
+        300, gt=0, description="a submitted job that is stopped (vitpipe jobs stop) has this long to finish its "
+        "step and commit a checkpoint before Ray kills it"
+    )
+
+
+SHARED_STORAGE_HINT = ("set scaling.storage_path to object storage every node reaches (e.g. --set "
+                       "scaling.storage_path=s3://BUCKET/runs), or scaling.shared_filesystem=true if it is a "
+                       "directory every node mounts (NFS, Lustre)")
+
+
+def check_storage(cfg: "RunConfig") -> None:
+    """Static checks of scaling.storage_path (no I/O): not a recipe's placeholder; not a node-local directory for
+    a GPU run unless declared shared."""
+    from pipeline.config import ConfigError
+
+    sc = cfg.scaling
+    if is_placeholder(sc.storage_path):
+        raise ConfigError(f"scaling.storage_path is the recipe's placeholder {sc.storage_path!r}: set it to where "
+                          "this run's checkpoints go, e.g. --set scaling.storage_path=s3://BUCKET/runs")
+    if sc.use_gpu and is_node_local(sc.storage_path) and not sc.shared_filesystem:
+        raise ConfigError(f"scaling.storage_path {sc.storage_path!r} is a directory on one machine, but "
+                          f"scaling.use_gpu runs workers on GPU nodes that do not share it: {SHARED_STORAGE_HINT}")

@@ -97,18 +97,20 @@ def _project_path(path: str, project_dir: Path, working_dir: bool) -> str:
 
 
 def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
-    from pipeline.config import RunConfig, load_config
+    """The validated config, with the storage checks that need no cluster (placeholder, node-local path on GPUs)."""
+    from pipeline.commands.config import config_class
+    from pipeline.config import ConfigError, RunConfig, load_config
+    from pipeline.launch.config import check_storage
 
     if kind == "pretrain":
-        return load_config(configs, overrides, RunConfig)
-    from pipeline.commands.config import config_class
-
-    cls = config_class(configs)
-    if cls is RunConfig:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(f"{configs[-1]}: a transfer config needs a `transfer:` section")
-    return load_config(configs, overrides, cls)
+        cfg = load_config(configs, overrides, RunConfig)
+    else:
+        cls = config_class(configs)
+        if cls is RunConfig:
+            raise ConfigError(f"{configs[-1]}: a transfer config needs a `transfer:` section")
+        cfg = load_config(configs, overrides, cls)
+    check_storage(cfg)
+    return cfg
 
 
 def build_submission(
@@ -138,6 +140,10 @@ def build_submission(
             raise ValueError(f"submit {kind}: give a config file")
         paths = [_project_path(c, project_dir, working_dir) for c in configs]
         cfg = _validate(kind, list(configs), list(overrides))
+        # `ray job stop` sends SIGTERM and, after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s), SIGKILL; the job
+        # needs the time to finish its step and commit a checkpoint (read by the job's supervisor, whose runtime
+        # env is the job's)
+        runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] = str(cfg.scaling.stop_grace_s)
         parts = [python, "-m", JOB_MODULES[kind], *paths]
         if overrides:
             parts += ["--set", *overrides]

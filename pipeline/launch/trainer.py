@@ -1,47 +1,54 @@
-"""The pretraining driver: checks the config, wires Ray Train (TorchTrainer, storage, failures, checkpoints) around
-the self-contained worker `pipeline.train.loop.train_worker`, then exports the final model. The driver does no
-training itself; ray and mlflow are imported inside functions."""
+"""Training on a Ray cluster: `fit(cfg, run=...)` checks the cluster, wires Ray Train (TorchTrainer, storage,
+failures, checkpoints) around the worker (pipeline.launch.worker), and consolidates the final model into
+`<run_url>/final`. It returns its result and makes no MLflow calls: the job's driver owns the tracked run
+(pipeline.tracking.run) and passes its `RunRef` down. ray is imported inside functions.
+
+Everything a worker needs crosses to it inside its `WorkerSpec` (pickled by Ray) or as a URL under
+`scaling.storage_path`: never as a path on the driver's disk.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data.config import StorageConfig
+from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, is_node_local
+from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
+from pipeline.launch.worker import train_worker
+from pipeline.tracking.run import RunRef
+from pipeline.train.checkpoint import latest_state
+from pipeline.train.hooks import TrainHooks
+from pipeline.train.spec import InitSpec, WorkerSpec
 
 __all__ = [
-    "PretrainResult",
-    "connect_ray",
-    "run_url",
-    "ray_storage",
-    "preflight",
-    "worker_config",
-    "build_trainer",
-    "run_pretraining",
+    "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_exists", "ray_storage", "preflight",
+    "check_cluster", "worker_env", "build_trainer", "fit",
 ]
 
 log = logging.getLogger(__name__)
 
 # Environment the workers need that a remote cluster's nodes may not have; never credentials (those come from
-# the nodes' own environment / instance roles).
-_FORWARD_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "MLFLOW_TRACKING_URI",
-    "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL",
-)
+# the nodes' own environment / instance roles, or the job's runtime env). DS_ACCELERATOR only on CPU clusters.
+_FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY")
+_CPU_ONLY_ENV = ("DS_ACCELERATOR",)
 
 
 @dataclass
-class PretrainResult:
+class FitResult:
     name: str
-    run_url: str                       # <storage>/<name>: Ray's run folder with the training checkpoints
-    checkpoint: str | None             # the latest training checkpoint (ZeRO shards)
-    final_checkpoint: str | None       # <storage>/<name>/final: model.safetensors + model.json
-    run_id: str | None                 # MLflow run
-    metrics: dict[str, Any] = field(default_factory=dict)
-    registered: Any = None             # pipeline.tracking.registry.RegisteredVersion, when registered
+    run_url: str                       # <storage>/<name>: the run's folder with its training checkpoints
+    step: int                          # the last step trained
+    checkpoint: str | None             # the latest committed training checkpoint (ZeRO shards)
+    final_checkpoint: str | None       # <run_url>/final: model.safetensors + model.json (None when stopped)
+    stopped: bool = False              # a stop request ended training early, after a committed checkpoint
+    reason: str | None = None          # what asked for the stop
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last step's reported metrics
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -64,7 +71,14 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
-def run_url(cfg: Any) -> str:
+def cluster_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def run_url(cfg: RunConfig) -> str:
     """`<scaling.storage_path>/<name>`: the run's folder in storage (Ray's layout)."""
     base = cfg.scaling.storage_path
     if "://" not in base:
@@ -72,10 +86,20 @@ def run_url(cfg: Any) -> str:
     return base.rstrip("/") + "/" + cfg.name
 
 
+def run_exists(url: str, storage: StorageConfig) -> bool:
+    from pipeline.data.storage import get_filesystem
+
+    fs, path = get_filesystem(url, storage)
+    try:
+        return bool(fs.exists(path) and fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
 def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray's RunConfig: object stores go through an fsspec filesystem
     wrapped for pyarrow (path without the scheme); local directories are made absolute."""
-    if "://" not in storage_path or storage_path.startswith("file://"):
+    if is_node_local(storage_path):
         return os.path.abspath(storage_path.removeprefix("file://")), None
     import fsspec
     import pyarrow.fs
@@ -95,19 +119,29 @@ def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def preflight(cfg: Any) -> None:
-    """Cheap checks before any cluster work: batch arithmetic, datasets readable and consistent with the model."""
-    from pipeline.config import ConfigError
+def check_cluster(cfg: RunConfig, nodes: int | None = None) -> None:
+    """The connected cluster can run `cfg`: a node-local storage_path only on a single-node cluster (or declared
+    shared). `nodes`: alive nodes (default: asked from Ray)."""
+    sc = cfg.scaling
+    if not is_node_local(sc.storage_path) or sc.shared_filesystem:
+        return
+    nodes = cluster_nodes() if nodes is None else nodes
+    if nodes > 1:
+        raise ConfigError(f"scaling.storage_path {sc.storage_path!r} is a directory on the driver's machine, but "
+                          f"the Ray cluster has {nodes} nodes that do not share it: {SHARED_STORAGE_HINT}")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks before any cluster work: batch arithmetic, storage, datasets readable and consistent with
+    the model."""
+    from pipeline.data.manifest import load_dataset_spec
     from pipeline.train.engine import gradient_accumulation
 
     try:
         gradient_accumulation(cfg.train, cfg.scaling.num_workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    try:
-        from pipeline.data.manifest import load_dataset_spec
-    except ImportError:  # the data package is optional at this layer; the workers will fail clearly instead
-        return
+    check_storage(cfg)
     train = load_dataset_spec(cfg.data.train, cfg.storage)
     if train.num_classes and cfg.model.num_classes and train.num_classes > cfg.model.num_classes:
         raise ConfigError(
@@ -122,41 +156,28 @@ def preflight(cfg: Any) -> None:
                 raise ConfigError(f"few-shot set {url} is multi-label; few-shot evaluation needs single labels")
 
 
-def worker_config(cfg: Any, *, run_id: str | None = None, init: Mapping[str, Any] | None = None,
-                  eval_hooks: list[Callable | str] | None = None, fault: Mapping[str, Any] | None = None,
-                  config_class: str | None = None) -> dict[str, Any]:
-    """The plain dict `train_worker` receives (see pipeline.train.loop's docstring)."""
-    if config_class is None:
-        config_class = f"{type(cfg).__module__}:{type(cfg).__qualname__}"
-    if init is not None:
-        unknown = set(init) - {"checkpoint", "reset_head", "freeze_backbone"}
-        if unknown:
-            raise ValueError(f"init spec: unknown keys {sorted(unknown)}; allowed: checkpoint, reset_head, "
-                             "freeze_backbone")
-    return {
-        "config": cfg.model_dump(mode="json"), "config_class": config_class, "run_id": run_id,
-        "init": dict(init) if init else None, "eval_hooks": list(eval_hooks or []),
-        "fault": dict(fault) if fault else None, "run_url": run_url(cfg),
-    }
+def worker_env(cfg: RunConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables the workers get from the driver's environment."""
+    environ = os.environ if environ is None else environ
+    names = _FORWARD_ENV if cfg.scaling.use_gpu else _FORWARD_ENV + _CPU_ONLY_ENV
+    return {k: environ[k] for k in names if k in environ}
 
 
-def build_trainer(cfg: Any, train_config: dict[str, Any], train_fn: Callable | None = None):
-    """The Ray TorchTrainer for `cfg` (scaling, storage, failure and checkpoint policy from the typed config)."""
+def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
+    """The Ray TorchTrainer for `cfg` (scaling, storage, failure and checkpoint policy from the typed config):
+    NCCL on GPUs, gloo on CPUs."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.train.loop import train_worker
+    from ray.train.torch import TorchTrainer
 
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     storage_path, storage_fs = ray_storage(sc.storage_path, cfg.storage)
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    env = worker_env(cfg)
     return TorchTrainer(
-        train_fn or train_worker,
-        train_loop_config=train_config,
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        train_fn,
+        torch_config=torch_config("nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
         ),
@@ -171,126 +192,44 @@ def build_trainer(cfg: Any, train_config: dict[str, Any], train_fn: Callable | N
     )
 
 
-def _run_exists(url: str, storage: StorageConfig) -> bool:
-    from pipeline.data.storage import get_filesystem
+def _export_final(cfg: RunConfig, checkpoint: str, url: str) -> str:
+    """Consolidates the committed ZeRO checkpoint at `checkpoint` into the model format at `<url>/final`."""
+    from pipeline.train.checkpoint import export_final, fetch_checkpoint, read_train_state, upload_dir
 
-    fs, path = get_filesystem(url, storage)
-    try:
-        return bool(fs.exists(path) and fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return False
-
-
-def _resume_run_id(url: str, storage: StorageConfig) -> str | None:
-    import json
-
-    from pipeline.data.storage import get_filesystem
-    from pipeline.train.checkpoint import find_latest_complete
-
-    latest = find_latest_complete(url, storage)
-    if latest is None:
-        return None
-    fs, path = get_filesystem(latest, storage)
-    return json.loads(fs.cat_file(f"{path}/train_state.rank0.json")).get("run_id")
-
-
-def run_pretraining(cfg: Any, *, resume: bool = False, address: str | None = None,
-                    init: Mapping[str, Any] | None = None, eval_hooks: list[Callable | str] | None = None,
-                    fault: Mapping[str, Any] | None = None) -> PretrainResult:
-    """Runs (or with `resume`, continues) a pretraining run on Ray and exports the final model.
-
-    A run is identified by `<scaling.storage_path>/<name>`. Without `resume`, an existing run there is an
-    error (so a typo cannot silently continue someone's run); with it, Ray restores the run's latest committed
-    checkpoint and the workers continue the same MLflow run. `init`/`eval_hooks` are passed to the worker (see
-    pipeline.train.loop); `fault` is a TEST-ONLY failure injection (default: $VITPIPE_TEST_FAULT as JSON)."""
-    from pipeline.config import ConfigError
-    from pipeline.tracking.sinks import create_run, end_run, resolve_tracking_uri
-
-    if fault is None and os.environ.get("VITPIPE_TEST_FAULT"):
-        # TEST ONLY: the same injection for runs started as cluster jobs (the variable reaches their driver)
-        import json
-
-        fault = json.loads(os.environ["VITPIPE_TEST_FAULT"])
-    preflight(cfg)
-    url = run_url(cfg)
-    exists = _run_exists(url, cfg.storage)
-    if exists and not resume:
-        raise ConfigError(
-            f"run {cfg.name!r} already exists at {url}; pass --resume to continue it, or choose another name "
-            f"(--set name=...)"
-        )
-    if resume and not exists:
-        log.warning("--resume: no run at %s yet; starting it", url)
-    if cfg.tracking.sink == "mlflow" and not cfg.tracking.tracking_uri:
-        # make the URI explicit (and absolute for sqlite) so workers in other directories log to the same place
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
-            update={"tracking_uri": resolve_tracking_uri(cfg.tracking)})})
-    run_id = None
-    if cfg.tracking.sink == "mlflow":
-        run_id = _resume_run_id(url, cfg.storage) if resume else None
-        if run_id is None:
-            from pipeline.config import config_hash
-
-            run_id = create_run(cfg.tracking, cfg.name, {"vitpipe.run_url": url, "config_hash": config_hash(cfg)})
-        log.info("MLflow run %s (%s)", run_id, cfg.tracking.tracking_uri)
-
-    connect_ray(address or cfg.scaling.address)
-    trainer = build_trainer(cfg, worker_config(cfg, run_id=run_id, init=init, eval_hooks=eval_hooks, fault=fault))
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    metrics = dict(result.metrics or {})
-    run_id = metrics.get("run_id") or run_id
-    out = PretrainResult(cfg.name, url, None, None, run_id or None, metrics)
-    if result.checkpoint is None:
-        log.warning("run %s reported no checkpoint; nothing to export", cfg.name)
-        return out
-    out.checkpoint = _checkpoint_url(cfg, result.checkpoint.path)
-    _export(cfg, result.checkpoint, out)
-    if run_id:
-        end_run(cfg.tracking, run_id, "FINISHED")
-    return out
-
-
-def _checkpoint_url(cfg: Any, path: str) -> str:
-    base = cfg.scaling.storage_path
-    if "://" in base and not base.startswith("file://"):
-        return f"{base.split('://', 1)[0]}://{path}"
-    return path
-
-
-def _export(cfg: Any, checkpoint: Any, out: PretrainResult) -> None:
-    """Consolidates the final ZeRO checkpoint into `<run>/final`, logs it to the MLflow run, registers it."""
-    from pipeline.tracking.sinks import build_sink
-    from pipeline.train.checkpoint import export_final, read_train_state, upload_dir
-
-    final_url = out.run_url + "/final"
-    with checkpoint.as_directory() as local, tempfile.TemporaryDirectory(prefix="vitpipe-final-") as tmp:
+    final_url = url + "/final"
+    with fetch_checkpoint(checkpoint, cfg.storage) as local, tempfile.TemporaryDirectory(prefix="vitpipe-final-") as tmp:
         state = read_train_state(local, 0)
-        export_final(local, state.get("model") or cfg.model.model_dump(mode="json"), tmp,
-                     extra={"name": cfg.name, "run_url": out.run_url})
+        export_final(local, state["model"], tmp, extra={"name": cfg.name, "run_url": url})
         upload_dir(tmp, final_url, cfg.storage)
-        out.final_checkpoint = final_url
-        log.info("final model (step %s) saved to %s", state["step"], final_url)
-        sink = build_sink(cfg.tracking, 0, run_id=out.run_id, run_name=cfg.name)
-        # --- model registry: the single call site (pipeline.tracking.registry, owned by the transfer area) ---
-        # A registered model's files are logged once, by the registry, under the run's `final/` artifacts.
-        if cfg.tracking.registered_model:
-            from pipeline.data.manifest import load_dataset_spec
-            from pipeline.tracking.registry import lineage_tags, register_checkpoint
+    log.info("final model (step %s) saved to %s", state["step"], final_url)
+    return final_url
 
-            out.registered = register_checkpoint(
-                tmp, name=cfg.tracking.registered_model, run_id=out.run_id,
-                tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                alias=cfg.tracking.register_alias, artifact_path="final",
-                tags=lineage_tags(cfg, run_id=out.run_id, step=int(state["step"]),
-                                  images_seen=int(state["step"]) * cfg.train.global_batch,
-                                  dataset=load_dataset_spec(cfg.data.train, cfg.storage)),
-            )
-        else:
-            sink.log_artifact(tmp, "final")
-        sink.log_metrics({"final/step": float(state["step"])}, int(state["step"]))
-        sink.close()
+
+def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = None, hooks: TrainHooks | None = None,
+        address: str | None = None) -> FitResult:
+    """Trains `cfg` on the Ray cluster (`address` / scaling.address / $RAY_ADDRESS, else a local Ray) and
+    exports the final model. Rank 0 logs metrics to `run`. A run folder that holds committed checkpoints is
+    continued from the newest one. A SIGTERM to this process or to a worker ends training early after a
+    committed checkpoint (`FitResult.stopped`); nothing is exported then."""
+    connect_ray(address or cfg.scaling.address)
+    check_cluster(cfg)
+    url = run_url(cfg)
+    spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks())
+    stop = StopSignal.create()
+    trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
+    with on_sigterm(stop):
+        result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    # the committed checkpoints in storage are the authority (as for restores): a run resumed after it had
+    # finished training (its export was interrupted, say) reports nothing new, and its last checkpoint is final
+    latest = latest_state(url, cfg.storage)
+    step = int(latest[1]["step"]) if latest else 0
+    out = FitResult(cfg.name, url, step, latest[0] if latest else None, None, metrics=metrics)
+    if metrics.get("stopped"):
+        out.stopped, out.reason = True, stop.reason or "SIGTERM on a worker"
+        return out
+    if step != cfg.train.steps:
+        raise RuntimeError(f"run {cfg.name!r}: training ended at step {step} of {cfg.train.steps} without a final "
+                           f"checkpoint (aborted?)")
+    out.final_checkpoint = _export_final(cfg, out.checkpoint, url)
+    return out

@@ -1,10 +1,14 @@
-"""The transfer driver: resolve and check everything before any worker starts, then fine-tune (with the pretraining
-worker, given an init checkpoint) or evaluate few-shot, evaluate, draw the figures, log and register.
+"""The transfer job (what `vitpipe transfer` and the Ray job `python -m jobs.transfer` run): resolve and check
+everything before any worker starts, then
 
-Adapting the source to the task happens here, once, on the driver: the pretraining head and pre-logits are dropped,
-a zero-initialised head for the downstream classes is attached and the position embeddings are resampled to the
-new grid (pipeline.model.weights.adapt_state_dict). The workers then start from an ordinary checkpoint whose
-shapes already match.
+    with TrackedRun.open(cfg.tracking, cfg.name) as run:
+        fit(training_config(cfg, model), run=run.ref, init=...)   # or the closed-form few-shot evaluation
+        evaluate, draw the figures, run.register(...)
+
+Adapting the source to the task happens once, on the driver (pipeline.model.weights.adapt_state_dict: the
+pretraining head and pre-logits dropped, a zero-initialised head for the downstream classes, the position
+embeddings resampled to the new grid). The adapted weights travel to the workers through storage, under the run's
+own folder (`<run_url>/init`, removed when training ends), never as a path on the driver's disk.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
-from pipeline.transfer.config import TransferRunConfig
+from pipeline.config import ConfigError, RunConfig
+from pipeline.model.config import ModelConfig
+from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
 
-__all__ = ["PreparedTransfer", "TransferResult", "finetune_model_config", "prepare_transfer", "run_transfer"]
+__all__ = ["PreparedTransfer", "TransferResult", "finetune_model_config", "prepare_transfer", "training_config",
+           "run_transfer"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +37,8 @@ class PreparedTransfer:
 
     cfg: TransferRunConfig
     source: Any  # registry.RegisteredVersion
-    source_model: Any  # ModelConfig of the registered checkpoint
-    model: Any  # ModelConfig fine-tuned
+    source_model: ModelConfig  # of the registered checkpoint
+    model: ModelConfig  # fine-tuned
     init_dir: Path
     train_manifest: Any
     val_manifest: Any
@@ -59,10 +65,10 @@ class TransferResult:
     checkpoint_dir: Path | None = None
 
 
-def finetune_model_config(source, task, *, keep_pre_logits: bool = False):
+def finetune_model_config(source: ModelConfig, task: TransferModelConfig, *,
+                          keep_pre_logits: bool = False) -> ModelConfig:
     """The fine-tuning ModelConfig: the source's architecture with the task's resolution, classes and dropout.
     Raises a ConfigError when the resolution does not fit the patch size."""
-    from pipeline.model.config import ModelConfig
     from pipeline.model.variants import get_variant
 
     patch = get_variant(source.name).patch_size
@@ -196,114 +202,94 @@ def _plots(prep: PreparedTransfer, model, images, cm, outdir: Path) -> list[Path
     return out
 
 
-def _worker_config(prep: PreparedTransfer):
-    """The pretraining RunConfig the shared worker runs: the fine-tuning model, the transfer job's sections; the
-    worker does not register (the driver does, after the final evaluation, with the source lineage)."""
-    from pipeline.config import RunConfig
+def training_config(cfg: TransferRunConfig, model: ModelConfig, *, name: str | None = None) -> RunConfig:
+    """The RunConfig the training workers run for a transfer job (and for the demo's from-scratch baseline): the
+    fine-tuning `model` with the job's data, train, scaling, storage and tracking sections. No few-shot sets and
+    no registration in it: the job's driver evaluates and registers after training."""
+    from pipeline.config import validate
 
-    cfg = prep.cfg
-    return RunConfig(
-        name=cfg.name,
-        model=prep.model,
-        data=cfg.data.model_copy(update={"fewshot_train": None, "fewshot_test": None}),
-        train=cfg.train.model_copy(update={"fewshot_every": 0}),
-        scaling=cfg.scaling,
-        storage=cfg.storage,
-        tracking=cfg.tracking.model_copy(update={"registered_model": None}),
-    )
-
-
-def _finetune(prep: PreparedTransfer) -> Any:
-    """Runs the shared pretraining worker (pipeline.launch.trainer) from the adapted init checkpoint. Returns its
-    PretrainResult: `final_checkpoint` (<storage>/<name>/final) and the MLflow `run_id` it logged to."""
-    from pipeline.launch.trainer import run_pretraining
-
-    init = {
-        "checkpoint": str(prep.init_dir),
-        "reset_head": False,  # the driver already attached the zero head and resampled the position embedding
-        "freeze_backbone": prep.cfg.transfer.mode == "linear_probe",
-    }
-    result = run_pretraining(_worker_config(prep), resume=False, init=init)
-    if not result.final_checkpoint:
-        raise RuntimeError(f"transfer run {prep.cfg.name}: training reported no final checkpoint")
-    return result
+    tree = cfg.model_dump(mode="json")
+    return validate(RunConfig, {
+        "name": name or cfg.name,
+        "model": model.model_dump(mode="json"),
+        "data": {**tree["data"], "fewshot_train": None, "fewshot_test": None},
+        "train": {**tree["train"], "fewshot_every": 0},
+        "scaling": tree["scaling"],
+        "storage": tree["storage"],
+        "tracking": {**tree["tracking"], "registered_model": None},
+    })
 
 
-def run_transfer(
-    cfg: TransferRunConfig, *, source: str | None = None, workdir: str | Path | None = None
-) -> TransferResult:
-    """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before any
-    worker starts."""
-    from mlflow import MlflowClient
+def _params(prep: PreparedTransfer) -> dict[str, Any]:
+    """The job's config as run parameters, with the source it actually used and the model it resolved to."""
+    tree = prep.cfg.model_dump(mode="json")
+    tree["transfer"]["source"] = prep.source.uri
+    return {**tree, "resolved": {"model": prep.model.model_dump(mode="json")}}
 
+
+def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: str | Path | None = None,
+                 address: str | None = None) -> TransferResult:
+    """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
+    tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED)."""
+    from pipeline.launch.trainer import check_cluster, connect_ray, fit, preflight, run_exists, run_url
     from pipeline.model.checkpoint import load_model
-    from pipeline.tracking.registry import lineage_tags, register_checkpoint, resolve_tracking_uri
-    from pipeline.tracking.sinks import MlflowSink, create_run, end_run, flatten_params
-    from pipeline.train.checkpoint import fetch_checkpoint
+    from pipeline.tracking.registry import lineage_tags
+    from pipeline.tracking.run import RunStopped, TrackedRun
+    from pipeline.train.checkpoint import fetch_checkpoint, remove_dir, upload_dir
+    from pipeline.train.spec import InitSpec
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)
     try:
         prep = prepare_transfer(cfg, source=source, workdir=workdir)
-        tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
-        prep.cfg = cfg
-        client = MlflowClient(tracking_uri)
-        run_id = None
-        try:
-            if cfg.transfer.mode == "fewshot":
-                model = load_model(prep.init_dir)
-                final_dir = None
-                run_id = create_run(cfg.tracking, cfg.name, tags=prep.source_tags)
-                metrics, cm, images = _fewshot(prep, model), None, None
-            else:
-                trained = _finetune(prep)
-                # The worker created and finished the run; the driver adds the source link, final evaluation,
-                # figures and registration to it (a run of its own when the worker logged elsewhere).
-                run_id = trained.run_id or create_run(cfg.tracking, cfg.name)
-                for k, v in prep.source_tags.items():
-                    client.set_tag(run_id, k, v)
-                final_dir = Path(workdir / "final")
+        train_cfg = training_config(cfg, prep.model)
+        finetune = cfg.transfer.mode != "fewshot"
+        if finetune:
+            preflight(train_cfg)
+            connect_ray(address or cfg.scaling.address)
+            check_cluster(train_cfg)
+            if run_exists(run_url(train_cfg), cfg.storage):
+                raise ConfigError(f"run {cfg.name!r} already exists at {run_url(train_cfg)}; choose another name "
+                                  "(--set name=...)")
+        final_dir, registered, artifacts = None, None, []
+        with TrackedRun.open(cfg.tracking, cfg.name, tags=prep.source_tags) as run:
+            run.log_params(_params(prep))
+            if finetune:
+                init_url = run_url(train_cfg) + "/init"
+                upload_dir(prep.init_dir, init_url, cfg.storage)
+                try:
+                    trained = fit(train_cfg, run=run.ref, address=address, init=InitSpec(
+                        checkpoint=init_url, freeze_backbone=cfg.transfer.mode == "linear_probe"))
+                finally:
+                    remove_dir(init_url, cfg.storage)
+                if trained.stopped:
+                    raise RunStopped(cfg.name, trained.step, trained.checkpoint, trained.reason or "stop requested")
+                final_dir = workdir / "final"
                 with fetch_checkpoint(trained.final_checkpoint, cfg.storage) as local:
                     shutil.copytree(local, final_dir, dirs_exist_ok=True)
                 model = load_model(final_dir)
                 metrics, cm, images = _final_eval(prep, model)
-            sink = MlflowSink(tracking_uri, run_id, cfg.tracking.flush_every_s)
-            params = {f"resolved.model.{k}": v for k, v in prep.model.model_dump(mode="json").items()}
-            if cfg.transfer.mode == "fewshot":
-                params.update(flatten_params(cfg.model_dump(mode="json")))
-            params.update({"transfer.source": prep.source.uri, "transfer.mode": cfg.transfer.mode})
-            sink.log_params(params)
-            sink.close()
-            step = cfg.train.steps if cfg.transfer.mode != "fewshot" else 0
-            for k, v in metrics.items():
-                client.log_metric(run_id, k, v, step=step)
-            artifacts = []
+            else:
+                model = load_model(prep.init_dir)
+                metrics, cm, images = _fewshot(prep, model), None, None
+            run.log_metrics(metrics, cfg.train.steps if finetune else 0)
             if cfg.transfer.plots:
                 for png in _plots(prep, model, images, cm, workdir / "plots"):
-                    client.log_artifact(run_id, str(png), "plots")
+                    run.log_artifact(png, "plots")
                     artifacts.append(f"plots/{png.name}")
             if cm is not None:
-                client.log_dict(run_id, {"matrix": cm.tolist()}, "eval/confusion_matrix.json")
+                run.log_dict({"matrix": cm.tolist()}, "eval/confusion_matrix.json")
                 artifacts.append("eval/confusion_matrix.json")
-            registered = None
             if final_dir is not None and cfg.tracking.registered_model:
                 tags = lineage_tags(
-                    cfg, run_id=run_id, step=cfg.train.steps,
+                    cfg, run_id=run.run_id, step=cfg.train.steps,
                     images_seen=cfg.train.steps * cfg.train.global_batch, dataset=prep.train_manifest,
                     model_cfg=prep.model, extra={**prep.source_tags, "final_top1": metrics.get("final/top1")},
                 )
-                registered = register_checkpoint(
-                    final_dir, name=cfg.tracking.registered_model, run_id=run_id, tracking_uri=tracking_uri,
-                    experiment=cfg.tracking.experiment, alias=cfg.tracking.register_alias, tags=tags,
-                )
-                client.set_tag(run_id, "registered_model", f"{registered.name}/{registered.version}")
-        except BaseException:
-            if run_id:
-                end_run(cfg.tracking, run_id, "FAILED")
-            raise
-        end_run(cfg.tracking, run_id, "FINISHED")
-        return TransferResult(run_id, metrics, registered, artifacts, final_dir)
+                registered = run.register(final_dir, name=cfg.tracking.registered_model,
+                                          alias=cfg.tracking.register_alias, tags=tags)
+                run.set_tags({"registered_model": f"{registered.name}/{registered.version}"})
+        return TransferResult(run.run_id, metrics, registered, artifacts, final_dir)
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()

@@ -4,8 +4,10 @@ run storage on the S3 test server, tracking on the real MLflow server. A tiny Vi
 Runs (each ~20-40 s on 2 cores), shared through module fixtures:
   zero2        2 workers, ZeRO-2, augmented data, 4 steps per epoch (checkpoints land mid-epoch), val + few-shot
   zero3        the same with ZeRO-3: the same loss trajectory (fp32)
-  failure      the zero2 run where rank 1 dies hard after step 5: restarted from the step-3 checkpoint, same losses
-  resumed      the zero2 run re-submitted with --resume and more steps: continues the same MLflow run
+  interrupted  the zero2 run stopped by a SIGTERM to a worker (every rank commits a checkpoint at the same step, the
+               run ends KILLED), resumed, then rank 1 dies hard after step 5 (restarted from the step-3
+               checkpoint): zero2's losses at every step, one MLflow run
+  (refused)    the zero2 run again without --resume, or resumed with another model: refused before anything starts
   accum        1 worker x accumulation 2 and 2 workers x 1 (ZeRO-1) on a dataset that is one global batch per
                step: the same loss trajectory
 """
@@ -19,6 +21,7 @@ import tempfile
 import pytest
 
 from tests.fixtures.faults import CLASSES, synthetic
+from tests.fixtures.hooks import FaultHooks
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +122,7 @@ def _counts(uri, run_id, key="train/loss") -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def zero2(ray_cluster, datasets, s3_server, mlflow_server):
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     cfg = _cfg("zero2", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
                f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}",
@@ -169,7 +172,7 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
 
 
 def test_zero3_matches_zero2(zero2, ray_cluster, datasets, s3_server, mlflow_server):
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     cfg = _cfg("zero3", datasets, s3_server, mlflow_server.url, "train.zero.stage=3")
     result = run_pretraining(cfg)
@@ -181,45 +184,89 @@ def test_zero3_matches_zero2(zero2, ray_cluster, datasets, s3_server, mlflow_ser
     assert result.final_checkpoint == "s3://pretrain-runs/runs/zero3/final"
 
 
-def test_worker_failure_resumes_exactly(zero2, ray_cluster, datasets, s3_server, mlflow_server, tmp_path):
-    from pipeline.launch.trainer import run_pretraining
+def _committed(buckets, name: str) -> dict[int, set[int]]:
+    """step -> the ranks whose commit marker is in the run's checkpoint folder of that step."""
+    from pipeline.train.checkpoint import step_of
 
-    cfg = _cfg("failure", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
+    out: dict[int, set[int]] = {}
+    for o in buckets.list_objects_v2(Bucket="pretrain-runs", Prefix=f"runs/{name}/")["Contents"]:
+        parts = o["Key"].split("/")
+        if len(parts) == 4 and parts[3].startswith("COMMITTED.rank"):
+            out.setdefault(step_of(parts[2]), set()).add(int(parts[3].removeprefix("COMMITTED.rank")))
+    return out
+
+
+def test_sigterm_stop_and_worker_failure_both_resume_exactly(zero2, ray_cluster, datasets, s3_server,
+                                                             mlflow_server, buckets, tmp_path):
+    """The zero2 run, interrupted twice, must end with zero2's losses at every step, in one MLflow run:
+    1. SIGTERM to worker rank 1 after step 1: its stop vote reaches every rank in step 2's all-reduce, so both
+       commit a checkpoint at step 2 (not a checkpoint_every step) and stop; the run ends KILLED (RunStopped).
+    2. --resume from step 2; rank 1 dies hard after step 5: Ray restarts the group from the step-3 checkpoint
+       (mid-epoch), which re-runs steps 4-5 and finishes step 6; the run ends FINISHED.
+    (A SIGTERM to the job's driver is `vitpipe jobs stop`: tests/cluster/test_jobs.py.)"""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.pretrain import run_pretraining
+    from pipeline.tracking.run import RunStopped
+
+    cfg = _cfg("interrupted", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
                f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}",
                "train.fewshot_every=6", "train.fewshot_shots=[1,2]")
-    marker = tmp_path / "killed"
-    result = run_pretraining(cfg, fault={"step": 5, "rank": 1, "marker": str(marker)})
-    assert marker.exists(), "the fault was not injected"
-    assert result.metrics["step"] == STEPS
-    ref = _history(mlflow_server.url, zero2[1].run_id)
-    got = _history(mlflow_server.url, result.run_id)  # one MLflow run across the restart
+    client = MlflowClient(mlflow_server.url)
+
+    term = FaultHooks(signals=[{"step": 1, "rank": 1, "marker": str(tmp_path / "term")}], step_sleep_s=0.3)
+    with pytest.raises(RunStopped, match=r"stopped \(SIGTERM on a worker\) at step 2") as stopped:
+        run_pretraining(cfg, hooks=term)
+    assert stopped.value.step == 2 and stopped.value.checkpoint.endswith("/interrupted/checkpoint_00000002")
+    assert stopped.value.exit_code == 143
+    runs = client.search_runs([client.get_experiment_by_name("test-pretrain").experiment_id],
+                              filter_string="attributes.run_name = 'interrupted'")
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    run_id = runs[0].info.run_id
+    assert _committed(buckets, "interrupted") == {2: {0, 1}}  # one checkpoint, every rank, at the stop step
+
+    killed = tmp_path / "killed"
+    result = run_pretraining(cfg, resume=True, hooks=FaultHooks(kills=[{"step": 5, "rank": 1,
+                                                                       "marker": str(killed)}]))
+    assert killed.exists(), "the fault was not injected"
+    assert result.step == STEPS and result.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    ref, got = _history(mlflow_server.url, zero2[1].run_id), _history(mlflow_server.url, run_id)
     assert sorted(got) == list(range(1, STEPS + 1))
-    for step in ref:  # steps 4-6 ran after the restart from the step-3 checkpoint (mid-epoch)
+    for step in ref:
         assert math.isclose(got[step], ref[step], rel_tol=1e-5), (step, got[step], ref[step])
-    # steps 1-3 ran once: the restarted group continued from the checkpoint instead of starting over
-    counts = _counts(mlflow_server.url, result.run_id)
+    # steps 1-3 ran once: neither the stop nor the restart started over (4-5 ran again after the restart)
+    counts = _counts(mlflow_server.url, run_id)
     assert [counts[s] for s in (1, 2, 3)] == [1, 1, 1], counts
 
 
-def test_resume_continues_same_mlflow_run(zero2, ray_cluster, datasets, s3_server, mlflow_server):
+def test_an_existing_run_needs_resume_and_a_resume_needs_the_same_model(zero2, ray_cluster, mlflow_server):
+    """Refused before any tracked run or worker exists. (A resume that extends train.steps, on another world size,
+    is tests/reliability/test_faults_worker.py's; a stopped run's resume is test_sigterm_stop_... above.)"""
+    from mlflow.tracking import MlflowClient
+
     from pipeline.config import ConfigError
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     cfg, first = zero2
-    with pytest.raises(ConfigError, match="already exists.*--resume"):
+    runs_before = len(MlflowClient(mlflow_server.url).search_runs(
+        [MlflowClient(mlflow_server.url).get_experiment_by_name("test-pretrain").experiment_id]))
+    with pytest.raises(ConfigError, match=r"run 'zero2' already exists at s3://pretrain-runs/runs/zero2; pass "
+                                          r"--resume to continue it"):
         run_pretraining(cfg)
-    more = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": STEPS + 2})})
-    result = run_pretraining(more, resume=True)
-    assert result.run_id == first.run_id
-    counts = _counts(mlflow_server.url, result.run_id)
-    assert counts == {s: 1 for s in range(1, STEPS + 3)}, counts  # steps 7, 8 appended to the same run
-    assert result.metrics["step"] == STEPS + 2
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": 5})})
+    with pytest.raises(ConfigError, match=r"--resume: checkpoint .*zero2/checkpoint_00000006 holds another model "
+                                          r"\(model\.num_classes: 4 -> 5\)"):
+        run_pretraining(other, resume=True)
+    client = MlflowClient(mlflow_server.url)
+    assert len(client.search_runs([client.get_experiment_by_name("test-pretrain").experiment_id])) == runs_before
+    assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
 def test_global_batch_invariance(ray_cluster, datasets, s3_server, mlflow_server):
     """global 64 = micro 32 x workers x accumulation; each step is the whole (64-sample) dataset, unaugmented,
     so 1 worker x 2 micro-batches and 2 workers x 1 see the same examples per step: the same trajectory (ZeRO-1)."""
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     losses = {}
     for workers in (1, 2):

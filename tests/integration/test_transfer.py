@@ -58,7 +58,7 @@ def s3_bucket_module(s3_server):
 def pretrained(mlflow_server, digits, tmp_path_factory):
     """A tiny pretraining run (4 steps, 2 workers) that registers vit-smoke and sets @champion."""
     from pipeline.config import load_config
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     storage = tmp_path_factory.mktemp("pretrain-runs")
     cfg = load_config(SMOKE_PRETRAIN, [
@@ -99,6 +99,9 @@ def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlfl
     out = capsys.readouterr().out
     assert rc == 0, out
     summary = json.loads(out[out.index("{"):])
+    # the adapted initial weights reached the workers through the run's storage folder, removed after training
+    run_dir = tmp_path / "runs" / "transfer-smoke"
+    assert (run_dir / "final" / "model.json").is_file() and not (run_dir / "init").exists()
     assert 0.0 <= summary["metrics"]["final/top1"] <= 1.0
     assert summary["metrics"]["final/eval_images"] == 4 * 16  # transfer.final_eval_batches x micro_batch
 

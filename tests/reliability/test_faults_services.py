@@ -20,6 +20,7 @@ import time
 import pytest
 
 from tests.fixtures.faults import effective_steps, fault_cfg, history, read_record, reference_keys, report
+from tests.fixtures.hooks import FaultHooks
 
 pytestmark = [pytest.mark.integration]
 
@@ -30,7 +31,7 @@ PROXY = {"fail_fraction": 0.1, "reset_fraction": 0.1, "slow_fraction": 0.1, "del
 
 @pytest.fixture(scope="module")
 def services_run(fault_ray, fault_data, s3_server, mlflow_server, tmp_path_factory):
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
     from tests.fixtures.faulty_proxy import FaultyProxy
 
     tmp = tmp_path_factory.mktemp("services")
@@ -60,7 +61,7 @@ def services_run(fault_ray, fault_data, s3_server, mlflow_server, tmp_path_facto
         chaos.start()
         t0 = time.monotonic()
         try:
-            result = run_pretraining(cfg, fault={"record": record, "step_sleep_s": 1.0})
+            result = run_pretraining(cfg, hooks=FaultHooks(record=record, step_sleep_s=1.0))
         finally:
             chaos.join(60)
             if not mlflow_server.running:
@@ -77,7 +78,7 @@ def test_object_storage_faults_are_retried_counted_and_nothing_is_skipped(servic
 
     cfg, result, injected = services_run["cfg"], services_run["result"], services_run["proxy"]
     direct = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"endpoint_url": s3_server})})
-    assert result.metrics["step"] == STEPS
+    assert result.step == STEPS
     assert injected["slowdown_503"] > 0 and injected["resets"] > 0 and injected["delayed"] > 0, injected
     # the loader's counters as logged to MLflow (summed over ranks) at the last step
     logged = {k: history(mlflow_server.url, result.run_id, f"data/{k}")[STEPS][-1]
@@ -97,7 +98,7 @@ def test_object_storage_faults_are_retried_counted_and_nothing_is_skipped(servic
         assert {f"runs/services/{name}/COMMITTED.rank{r}" for r in (0, 1)} <= keys, name
     assert "runs/services/final/model.json" in keys
     report("object storage faults (proxy before S3: data + checkpoints)", injected,
-           {**{f"mlflow data/{k}": v for k, v in logged.items()}, "final step": result.metrics["step"],
+           {**{f"mlflow data/{k}": v for k, v in logged.items()}, "final step": result.step,
             "committed checkpoints kept": kept,
             "keys = uninterrupted": f"steps 1-{STEPS}, both ranks", "wall_s": round(services_run["wall_s"], 1)},
            tmp_path)
@@ -115,7 +116,7 @@ def test_mlflow_outage_does_not_stop_training_and_its_metrics_arrive(services_ru
     after = sorted(s for s, e in steps.items() if e["time"] >= outage["healthy"])
     assert len(during) >= 3, (during, outage)  # training kept stepping while the server was down
     assert after, "the run ended before the server came back: it did not span the outage"
-    assert result.metrics["step"] == STEPS
+    assert result.step == STEPS
     losses = history(mlflow_server.url, result.run_id)
     assert {s: len(v) for s, v in losses.items()} == {s: 1 for s in range(1, STEPS + 1)}  # every step, once
     for s in during:

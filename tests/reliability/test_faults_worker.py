@@ -2,7 +2,7 @@
 run is resumed on another world size (2 workers -> 1) through DeepSpeed's universal checkpoint.
 
 One 2-worker Ray + DeepSpeed ZeRO-2 run (vit_pico4, 16 px, 8 steps, a checkpoint every 2 steps, 4 steps per epoch,
-max_failures=3) in which rank 1 is SIGKILLed three times, once per phase (pipeline.train.loop's test hooks):
+max_failures=3) in which rank 1 is SIGKILLed three times, once per phase (tests/fixtures/hooks.FaultHooks):
   step        at step 4, between backward and the optimizer step     -> resumes from checkpoint 2 (mid-epoch)
   data        at step 6, after the loader handed out the step's batch -> resumes from checkpoint 4 (epoch boundary)
   checkpoint  at step 8, after rank 1's DeepSpeed shard files were written, before its commit marker; rank 0's
@@ -27,6 +27,7 @@ import time
 import pytest
 
 from tests.fixtures.faults import (effective_steps, fault_cfg, history, read_record, reference_keys, report)
+from tests.fixtures.hooks import FaultHooks
 
 pytestmark = [pytest.mark.integration]
 
@@ -37,14 +38,14 @@ RESUMED_FROM = {"step": 2, "data": 4, "checkpoint": 6}
 
 @pytest.fixture(scope="module")
 def killed_run(fault_ray, fault_data, s3_server, mlflow_server, tmp_path_factory):
-    from pipeline.launch.trainer import run_pretraining
+    from pipeline.pretrain import run_pretraining
 
     tmp = tmp_path_factory.mktemp("killed")
     cfg = fault_cfg("sigkill", fault_data["train"], s3_server, mlflow_server.url, "scaling.max_failures=3")
     record = str(tmp / "record")
     kills = [{"step": s, "rank": 1, "phase": p, "marker": str(tmp / f"killed-{p}")} for p, s in KILLS.items()]
     t0 = time.monotonic()
-    result = run_pretraining(cfg, fault={"kills": kills, "record": record})
+    result = run_pretraining(cfg, hooks=FaultHooks(kills=kills, record=record))
     return {"cfg": cfg, "result": result, "record": record, "tmp": tmp, "wall_s": time.monotonic() - t0}
 
 
@@ -92,7 +93,7 @@ def test_killed_run_finishes_with_uninterrupted_data_and_one_mlflow_run(killed_r
     from mlflow.tracking import MlflowClient
 
     cfg, result = killed_run["cfg"], killed_run["result"]
-    assert result.metrics["step"] == STEPS
+    assert result.step == STEPS
     # data position: per rank, the keys of the finished trajectory are the uninterrupted loader's, step by step
     survived = {}
     for rank in (0, 1):
@@ -114,13 +115,13 @@ def test_killed_run_finishes_with_uninterrupted_data_and_one_mlflow_run(killed_r
     assert {"runs/sigkill/checkpoint_00000008/COMMITTED.rank0", "runs/sigkill/checkpoint_00000008/COMMITTED.rank1",
             "runs/sigkill/final/model.json"} <= keys
     report("SIGKILL run overall", {"kills": dict(KILLS), "max_failures": 3},
-           {**survived, "final step": result.metrics["step"], "mlflow runs": len(runs),
+           {**survived, "final step": result.step, "mlflow runs": len(runs),
             "wall_s": round(killed_run["wall_s"], 1)}, tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_resume_on_one_worker_through_universal_checkpoint(killed_run, fault_ray, mlflow_server, tmp_path):
-    from pipeline.launch.trainer import run_pretraining
+def test_resume_on_one_worker_through_universal_checkpoint(killed_run, fault_ray, mlflow_server, tmp_path, caplog):
+    from pipeline.pretrain import run_pretraining
 
     cfg = killed_run["cfg"]
     record = str(tmp_path / "record")
@@ -128,8 +129,12 @@ def test_resume_on_one_worker_through_universal_checkpoint(killed_run, fault_ray
         "train": cfg.train.model_copy(update={"steps": STEPS + 2}),
         "scaling": cfg.scaling.model_copy(update={"num_workers": 1, "max_failures": 0}),
     })
-    result = run_pretraining(one, resume=True, fault={"record": record})
-    assert result.metrics["step"] == STEPS + 2
+    with caplog.at_level("INFO", logger="pipeline.pretrain"):
+        result = run_pretraining(one, resume=True, hooks=FaultHooks(record=record))
+    assert result.step == STEPS + 2
+    changed = {r.getMessage() for r in caplog.records if r.name == "pipeline.pretrain"}
+    assert {f"--resume: train.steps changed {STEPS} -> {STEPS + 2}", "--resume: scaling.num_workers changed 2 -> 1"} \
+        <= changed, changed
     assert result.run_id == killed_run["result"].run_id  # the same MLflow run
     events = read_record(record, 0)
     start = _starts(events)
@@ -149,8 +154,9 @@ def test_resume_on_one_worker_through_universal_checkpoint(killed_run, fault_ray
     assert steps[STEPS + 2]["keys"] == ref[2] + ref[3]
     losses = history(mlflow_server.url, result.run_id)
     assert sorted(losses) == list(range(1, STEPS + 3))
+    assert [len(losses[s]) for s in (STEPS + 1, STEPS + 2)] == [1, 1]  # the new steps appended once
     assert losses[STEPS + 1][-1] < losses[1][0] - 0.1, losses  # continues a trained model, not a fresh one
     report("resume 2 workers -> 1 (universal checkpoint)", {"world size": "2 -> 1", "from checkpoint": STEPS},
            {"weights |sum|": after["weights"], "adam moments = sum of 2 partitions": True,
             "adam step": after["adam_steps"], "data": "epoch 2 from its start (1-worker sharding)",
-            "final step": result.metrics["step"], "same mlflow run": True}, tmp_path)
+            "final step": result.step, "same mlflow run": True}, tmp_path)

@@ -1,0 +1,84 @@
+"""The function every Ray Train worker runs: it finds the checkpoint to restore (Ray's latest or the newest one
+committed in storage, whichever is newer), wires Ray's report and the stop signals, and runs the training loop
+(pipeline.train.loop.run_training) on its `WorkerSpec`. ray is imported inside functions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from pipeline.launch.stop import StopSignal, termination_requested, training_active
+from pipeline.train.loop import run_training
+from pipeline.train.spec import WorkerSpec
+
+__all__ = ["train_worker", "restore_point"]
+
+log = logging.getLogger(__name__)
+
+
+def _report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+    import ray.train
+
+    from pipeline.train.checkpoint import checkpoint_dir_name
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint,
+                     checkpoint_dir_name=checkpoint_dir_name(step) if checkpoint else None)
+
+
+@contextlib.contextmanager
+def restore_point(spec: WorkerSpec) -> Iterator[str | None]:
+    """A local directory holding the checkpoint to continue from, or None for a fresh start.
+
+    Ray's latest checkpoint is the newest one its controller registered; a group that dies right after a report
+    can lose that registration although the checkpoint is committed in storage. The commit markers in storage
+    are the authority: resume from whichever of the two is newer, never from an uncommitted one."""
+    import ray.train
+
+    from pipeline.train.checkpoint import fetch_checkpoint, find_latest_complete, is_complete, step_of
+
+    storage = spec.config.storage
+    restored = ray.train.get_checkpoint()
+    ray_step = step_of(restored.path) if restored is not None else -1
+    stored = find_latest_complete(spec.run_url, storage)
+    stored_step = step_of(stored) if stored else -1
+    if stored is not None and stored_step > ray_step:
+        if restored is not None:
+            log.warning("resuming from committed checkpoint %s (Ray's latest: step %d)", stored, ray_step)
+        with fetch_checkpoint(stored, storage) as local:
+            yield local
+        return
+    if restored is None:
+        yield None
+        return
+    with restored.as_directory() as local:
+        if is_complete(local):
+            yield local
+            return
+    if stored is None:
+        raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
+    log.warning("checkpoint %s is incomplete; resuming from %s", restored.path, stored)
+    with fetch_checkpoint(stored, storage) as local:
+        yield local
+
+
+def train_worker(spec: WorkerSpec, stop: StopSignal | None = None) -> None:
+    """TorchTrainer's train_loop_per_worker (bound to its spec and stop signal with functools.partial)."""
+    import ray.train
+
+    if spec.config.scaling.use_gpu and os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        # a CPU accelerator inherited from a node's environment would run DeepSpeed's CPU ops beside NCCL
+        log.warning("scaling.use_gpu: ignoring DS_ACCELERATOR=%s from this node's environment",
+                    os.environ.pop("DS_ACCELERATOR"))
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def should_stop() -> bool:
+        # rank 0 asks the driver's flag (one poll is enough: the loop all-reduces every rank's vote)
+        return termination_requested() or (stop is not None and rank == 0 and stop.requested())
+
+    with training_active(), restore_point(spec) as restore_dir:
+        run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=_report,
+                     should_stop=should_stop)

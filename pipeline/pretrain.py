@@ -1,0 +1,115 @@
+"""The pretraining job (what `vitpipe pretrain` and the Ray job `python -m jobs.pretrain` run): every check that can
+fail before a worker starts, then
+
+    with TrackedRun.open(cfg.tracking, cfg.name) as run:      # the run's only owner
+        result = fit(cfg, run=run.ref)                        # Ray Train + DeepSpeed workers
+        run.register(<final model>, ...)                      # with its lineage
+
+A run lives at `<scaling.storage_path>/<name>`; `resume` continues its newest committed checkpoint in the same
+MLflow run (the checkpoint records the run's id and its resolved config).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig, config_hash
+from pipeline.launch.trainer import check_cluster, connect_ray, fit, preflight, run_exists, run_url
+from pipeline.tracking.run import RunStopped, TrackedRun, flatten_params
+from pipeline.train.hooks import TrainHooks
+
+__all__ = ["PretrainResult", "run_pretraining", "resume_changes", "RESUMABLE_CHANGES", "ARCHITECTURE"]
+
+log = logging.getLogger(__name__)
+
+# Fields a resume may change without changing the experiment (logged at INFO); any other change is logged as a
+# warning; a change of the architecture is refused (the checkpoint's weights and optimizer state would not fit).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every",
+                     "train.eval_batches", "train.fewshot_every", "scaling.", "storage.", "tracking.",
+                     "data.num_workers", "data.prefetch_factor")
+ARCHITECTURE = ("model.name", "model.image_size", "model.in_chans", "model.num_classes", "model.classifier",
+                "model.pre_logits")
+
+
+@dataclass
+class PretrainResult:
+    name: str
+    run_url: str                       # <storage>/<name>: the run's folder with the training checkpoints
+    checkpoint: str | None             # the latest training checkpoint (ZeRO shards)
+    final_checkpoint: str | None       # <storage>/<name>/final: model.safetensors + model.json
+    run_id: str | None                 # MLflow run
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    registered: Any = None             # pipeline.tracking.registry.RegisteredVersion, when registered
+
+
+def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted field, value in the checkpoint, value now) for every field a resume changes."""
+    old, new = flatten_params(saved), flatten_params(cfg.model_dump(mode="json"))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _check_resume(saved: dict[str, Any] | None, cfg: RunConfig, checkpoint: str) -> None:
+    if saved is None:  # a checkpoint from before the resolved config was recorded
+        return
+    changes = resume_changes(saved, cfg)
+    arch = [c for c in changes if c[0] in ARCHITECTURE]
+    if arch:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in arch)
+        raise ConfigError(f"--resume: checkpoint {checkpoint} holds another model ({listed}); set the same values "
+                          "or start a new run (--set name=...)")
+    other = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
+    for k, a, b in changes:
+        log.log(logging.WARNING if (k, a, b) in other else logging.INFO, "--resume: %s changed %r -> %r", k, a, b)
+
+
+def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None = None,
+                    hooks: TrainHooks | None = None) -> PretrainResult:
+    """Runs (or with `resume`, continues) a pretraining run and registers its final model. Bad input raises
+    ConfigError before the tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises
+    RunStopped after a committed checkpoint, the run ending KILLED. `hooks`: see pipeline.train.hooks."""
+    from pipeline.data.manifest import load_dataset_spec
+    from pipeline.tracking.registry import code_version, lineage_tags
+    from pipeline.train.checkpoint import fetch_checkpoint, latest_state
+    from pipeline.train.engine import deepspeed_config
+
+    preflight(cfg)
+    connect_ray(address or cfg.scaling.address)
+    check_cluster(cfg)
+    url = run_url(cfg)
+    previous = latest_state(url, cfg.storage) if resume else None
+    if previous is not None:
+        _check_resume(previous[1].get("config"), cfg, previous[0])
+    elif run_exists(url, cfg.storage):
+        if not resume:
+            raise ConfigError(f"run {cfg.name!r} already exists at {url}; pass --resume to continue it, or choose "
+                              "another name (--set name=...)")
+        log.warning("--resume: %s holds no committed checkpoint; starting the run from step 0", url)
+    elif resume:
+        log.warning("--resume: no run at %s yet; starting it", url)
+    resume_id = previous[1].get("run_id") if previous else None
+    tags = {"vitpipe.run_url": url, "config_hash": config_hash(cfg), "code_version": code_version()}
+    with TrackedRun.open(cfg.tracking, cfg.name, resume_id=resume_id, tags=tags) as run:
+        if not run.resumed:
+            run.log_params(cfg.model_dump(mode="json"))
+            run.log_dict(deepspeed_config(cfg.train, cfg.scaling.num_workers), "deepspeed_config.json")
+        result = fit(cfg, run=run.ref, hooks=hooks, address=address)
+        if result.stopped:
+            raise RunStopped(cfg.name, result.step, result.checkpoint, result.reason or "stop requested")
+        run.log_metrics({"final/step": result.step}, result.step)
+        registered = None
+        with fetch_checkpoint(result.final_checkpoint, cfg.storage) as final:
+            if cfg.tracking.registered_model:
+                registered = run.register(
+                    final, name=cfg.tracking.registered_model, alias=cfg.tracking.register_alias,
+                    artifact_path="final",  # the model's files are logged once, by the registry, under final/
+                    tags=lineage_tags(cfg, run_id=run.run_id, step=result.step,
+                                      images_seen=result.step * cfg.train.global_batch,
+                                      dataset=load_dataset_spec(cfg.data.train, cfg.storage)),
+                )
+            else:
+                run.log_artifact(final, "final")
+    return PretrainResult(cfg.name, url, result.checkpoint, result.final_checkpoint, run.run_id, result.step,
+                          result.metrics, registered)
