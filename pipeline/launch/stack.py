@@ -1,8 +1,12 @@
 """The local stack: a Ray cluster, an S3-compatible endpoint and an MLflow tracking server started by one call.
 
-Single node (default): every service binds 127.0.0.1 and Ray is forced onto loopback. With `nodes=N > 1` each
-Ray node runs in its own network namespace on a private /24 (see `netns.py`); S3 and MLflow listen on the
-bridge address so every node reaches them, and `cut_node(i)` really severs node i's link.
+Single node (default): every service binds 127.0.0.1 and Ray is forced onto loopback. With `nodes=N > 1` the
+nodes share nothing a real cluster's machines would not: each Ray node runs in its own network namespace on a
+private /24 (see `netns.py`) and its own mount namespace with a private tmpfs `/tmp` and `/dev/shm`, where its
+HOME, Ray temp dir, working dir and caches live. What nodes share is what a container image would: the installed
+venv and the project's code (DeepSpeed's compiled ops are copied into each node's cache at start, as an image
+would ship them). S3 and MLflow listen on the bridge address so every node reaches them; `cut_node(i)` really
+severs node i's link. The head takes no training workers by default (`head_cpus=0`), as on real clusters.
 
     stack = Stack.up(workdir, nodes=2)      # -> Stack (its fields are the state written to .vitpipe-stack/)
     stack.env()                             # RAY_ADDRESS, AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI, ...
@@ -45,6 +49,30 @@ DEFAULT_PORTS = {"ray": 6379, "dashboard": 8265, "s3": 9000, "mlflow": 5000}
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "vitpipe-local", "AWS_SECRET_ACCESS_KEY": "vitpipe-local"}
 _BIN = Path(sys.executable).parent
 
+# A multi-node stack's node: everything it writes lives in its own tmpfs /tmp (and /dev/shm), gone with it.
+NODE_WORKDIR = "/tmp/work"
+NODE_RAY_TEMP = "/tmp/ray"
+NODE_TOKEN = "/tmp/home/.ray/auth_token"
+NODE_ENV = {
+    "HOME": "/tmp/home", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/cache",
+    "TORCH_EXTENSIONS_DIR": "/tmp/cache/torch_extensions", "RAY_AUTH_TOKEN_PATH": NODE_TOKEN,
+}
+# Run by `sh -c` inside the node's new mount namespace, then exec's the node's command. The token and DeepSpeed's
+# compiled ops come in through the environment / a path outside /tmp (a path under the host's /tmp is hidden).
+_NODE_SETUP = f"""set -eu
+mount -t tmpfs -o mode=1777 vitpipe-node-tmp /tmp
+mount -t tmpfs -o mode=1777 vitpipe-node-shm /dev/shm
+mkdir -p "$HOME/.ray" {NODE_WORKDIR} {NODE_RAY_TEMP} "$TORCH_EXTENSIONS_DIR"
+( umask 077; printf '%s' "$VITPIPE_NODE_TOKEN" > "$RAY_AUTH_TOKEN_PATH" )
+unset VITPIPE_NODE_TOKEN
+if [ -n "${{VITPIPE_NODE_OPS:-}}" ] && [ -d "$VITPIPE_NODE_OPS" ]; then
+  cp -a "$VITPIPE_NODE_OPS/." "$TORCH_EXTENSIONS_DIR/"
+fi
+unset VITPIPE_NODE_OPS
+cd {NODE_WORKDIR}
+exec "$@"
+"""
+
 
 class StackError(RuntimeError):
     """The stack cannot start or be found; the message says what and what to do."""
@@ -82,7 +110,7 @@ class Stack:
     health_check: dict[str, int] = field(default_factory=dict)
     cpus_per_node: int = 2
     object_store_mb: int = 512
-    head_cpus: int | None = None  # None = cpus_per_node; 0 keeps tasks and training workers off the head
+    head_cpus: int | None = None  # None = cpus_per_node (single node) / 0 (multi-node): no workers on the head
 
     # ------------------------------------------------------------------ paths and state
     @staticmethod
@@ -128,8 +156,9 @@ class Stack:
     ) -> "Stack":
         """Starts the stack and waits until every service is healthy. `ports` values of 0 mean "any free port"
         (single node only; in multi-node mode Ray listens inside its namespaces). `s3_endpoint` set = use that
-        endpoint (credentials from the environment) instead of starting moto. `head_cpus` (default: cpus_per_node)
-        = 0 keeps work off the head, as on real clusters. On failure everything started so far is stopped again."""
+        endpoint (credentials from the environment) instead of starting moto. `head_cpus` (default: 0 with several
+        nodes, keeping training workers off the head as on real clusters; cpus_per_node on a single node). On
+        failure everything started so far is stopped again."""
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         workdir = str(Path(workdir).resolve())
@@ -178,11 +207,12 @@ class Stack:
             backend_store_uri=backend_store_uri or f"sqlite:///{sdir / 'mlflow.db'}",
             token_path=str(token_path),
             subnet=net.cidr if net else None,
-            temp_root=tempfile.mkdtemp(prefix="vp", dir="/tmp"),  # short: Ray's unix socket paths are length-limited
+            # single node: short (Ray's unix socket paths are length-limited); multi-node: each node's private /tmp
+            temp_root="" if multi else tempfile.mkdtemp(prefix="vp", dir="/tmp"),
             health_check=health_check or {},
             cpus_per_node=cpus_per_node,
             object_store_mb=object_store_mb,
-            head_cpus=head_cpus,
+            head_cpus=(0 if multi else None) if head_cpus is None else head_cpus,
         )
         stack._save()
         try:
@@ -257,9 +287,12 @@ class Stack:
         return {**self.service_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def _mlflow_cmd(self, port: int) -> list[str]:
+        # MLflow 3 refuses the UI's own API calls from origins other than localhost: allow the address it serves on
+        origins = f"http://{self.host}:{port},http://localhost:{port},http://127.0.0.1:{port}"
         return [
             str(_BIN / "mlflow"), "server", "--host", self.host, "--port", str(port), "--workers", "1",
             "--backend-store-uri", self.backend_store_uri, "--artifacts-destination", self.artifacts_destination,
+            "--cors-allowed-origins", origins,
         ]
 
     def _ensure_bucket(self) -> None:
@@ -289,17 +322,22 @@ class Stack:
             # the caller may have started a loopback-only local Ray before (connect_ray sets this to 0 in its
             # environment, which nodes inherit): worker nodes would then refuse to join
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+            env.update(NODE_ENV)
+            env["VITPIPE_NODE_OPS"] = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+            env["VITPIPE_NODE_TOKEN"] = Path(self.token_path).read_text().strip()
+            temp = NODE_RAY_TEMP
         else:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on 127.0.0.1 (see ENVIRONMENT.md)
             # Ray's metrics ports are fixed by default; other Ray instances on this machine may hold them
             env["AUTOSCALER_METRIC_PORT"] = str(_free_port(ip))
             env["DASHBOARD_METRIC_PORT"] = str(_free_port(ip))
-        temp = Path(self.temp_root) / f"n{i}"
-        temp.mkdir(parents=True, exist_ok=True)
+            temp = str(Path(self.temp_root) / f"n{i}")
+            Path(temp).mkdir(parents=True, exist_ok=True)
+        cpus = self.cpus_per_node if i or self.head_cpus is None else self.head_cpus
         cmd = [
             str(_BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", ip,
-            "--num-cpus", str(int(self.cpus_per_node if i or self.head_cpus is None else self.head_cpus)), "--object-store-memory", str(self.object_store_mb * 2**20),
-            "--temp-dir", str(temp), "--resources", json.dumps({f"vp_node_{i}": 1}),
+            "--num-cpus", str(int(cpus)), "--object-store-memory", str(self.object_store_mb * 2**20),
+            "--temp-dir", temp, "--resources", json.dumps({f"vp_node_{i}": 1}),
         ]
         if i == 0:
             cmd += ["--head", "--port", str(ports["ray"]), "--dashboard-host", ip,
@@ -311,6 +349,8 @@ class Stack:
                         "--dashboard-agent-listen-port", str(_free_port(ip))]
         else:
             cmd += ["--address", self.ray_address]
+        if multi:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _NODE_SETUP, "vitpipe-node", *cmd]
         self._spawn(f"ray-{i}", cmd, env=env, ns=self.namespaces[i] if multi else None)
 
     # ------------------------------------------------------------------ queries
@@ -408,22 +448,36 @@ class Stack:
               f"node {i} ({ip}) to rejoin", self._log(f"ray-{i}"))
 
     def node_exec(self, i: int, cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-        """Runs a command inside node i's namespace with the stack's environment (tests use this to run a
-        driver next to the cluster)."""
+        """Runs a command on node i as a process of that node would: in its network and mount namespaces (its
+        private /tmp, HOME and working dir), with the stack's environment. Tests use this to run a driver next to
+        the cluster."""
         self._check_node(i)
-        ns = self.namespaces[i] if self.subnet else None
         env = {**os.environ, **self.service_env(), "RAY_ADDRESS": self.ray_address}
-        return subprocess.run(netns.exec_prefix(ns) + cmd, env=env, **kwargs)
+        if not self.subnet:
+            return subprocess.run(cmd, env=env, **kwargs)
+        node = next(p for p in self.procs if p.name == f"ray-{i}")
+        env.update({**NODE_ENV, "RAY_AUTH_TOKEN_PATH": NODE_TOKEN})
+        # --wd: the node's working directory (resolved inside its mount namespace)
+        prefix = ["nsenter", "--target", str(node.pid), "--mount", "--net", "--wd", "--"]
+        return subprocess.run(prefix + cmd, env=env, **kwargs)
 
     # ------------------------------------------------------------------ down
     def down(self) -> list[str]:
         """Stops every process `up` started (Ray workers before the head), removes the namespaces, bridge and
         temporary dirs; keeps logs/. Returns what was stopped."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        # worker nodes (together), then the head, then S3 and MLflow (together); a multi-node stack's namespaces are
+        # swept below anyway, so its Ray nodes get a short grace
+        grace = 5.0 if self.subnet else 20.0
+        waves = [[p for p in self.procs if p.name.startswith("ray-") and p.name != "ray-0"],
+                 [p for p in self.procs if p.name == "ray-0"],
+                 [p for p in self.procs if not p.name.startswith("ray-")]]
         stopped = []
-        order = sorted(self.procs, key=lambda p: (not p.name.startswith("ray-"), -_node_index(p.name)))
-        for proc in order:
-            if _stop(proc):
-                stopped.append(proc.name)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for wave in waves:
+                done = list(pool.map(lambda p: _stop(p, grace if p.name.startswith("ray-") else 20.0), wave))
+                stopped += [p.name for p, ok in zip(wave, done) if ok]
         if self.subnet:
             net = netns.Subnet(self.subnet)
             for i in range(self.nodes):
@@ -431,7 +485,7 @@ class Stack:
                     _kill_pid(pid)
                 netns.remove_node(net, i)
             netns.remove_bridge(net)
-        if self.temp_root:
+        if self.temp_root:  # single node (a multi-node stack's temp dirs vanish with its mount namespaces)
             _kill_matching(self.temp_root)
             shutil.rmtree(self.temp_root, ignore_errors=True)
         sdir = self.state_dir(self.workdir)
@@ -444,10 +498,6 @@ class Stack:
 
 # ---------------------------------------------------------------------- process helpers
 _CHILDREN: dict[int, subprocess.Popen] = {}  # Popen objects of this process, reaped on stop (no zombies)
-
-
-def _node_index(name: str) -> int:
-    return int(name.split("-")[1]) if name.startswith("ray-") else 0
 
 
 def _alive(proc: Proc) -> bool:

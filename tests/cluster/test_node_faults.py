@@ -1,11 +1,10 @@
 """A node's network link is cut in the middle of a multi-node run, then the run is re-submitted with --resume.
 
-A 3-node stack (pipeline.launch.stack: each Ray node in its own network namespace; a head without CPUs that runs
-the job's driver, two worker nodes of 1 CPU; short GCS health checks; moto S3 and MLflow on the bridge). A
-2-worker pretraining job is submitted through the stack (`vitpipe submit pretrain`): one worker per worker node,
-each recording where it runs (test hook). Once a checkpoint is committed in storage, the link of the node running
-worker rank 1 is cut. Our config has no elastic scaling (the worker group
-needs both CPUs), so the guarantee is: the job fails (with scaling.max_failures=0) naming the lost node, and a
+On the package's share-nothing cluster (tests/cluster/conftest.py: a head without CPUs that runs the job's
+driver, two worker nodes of 1 CPU, GCS health checks of a few seconds; moto S3 and MLflow on the bridge), a
+2-worker pretraining job is submitted (`vitpipe submit pretrain`): one worker per worker node. Once a checkpoint is
+committed in storage, the link of worker node 2 is cut. Our config has no elastic scaling (the worker group needs
+both CPUs), so the guarantee is: the job fails (with scaling.max_failures=0) naming the lost node, and a
 re-submission with --resume after the node is back continues from the last committed checkpoint, in the same
 MLflow run, and ends at exactly the configured step.
 """
@@ -21,19 +20,17 @@ import time
 
 import pytest
 
-from tests.fixtures.faults import CLASSES, counts, read_record, report, synthetic
-from tests.fixtures.ray_stack import multinode_available
+from tests.fixtures.faults import CLASSES, counts, report, synthetic
 
 pytestmark = [pytest.mark.integration]
 
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 STEPS = 24
+CUT = 2  # a worker node (0 is the head)
 
 
 def _submit(stack, *extra: str) -> subprocess.Popen:
     env = {**os.environ, **stack.env()}
-    # the session's S3 test server must not leak into the job: the stack's endpoints only
-    env["AWS_ENDPOINT_URL"] = stack.s3_endpoint
     args = [*VITPIPE, "submit", "pretrain", "configs/pretrain/smoke.yaml", "--set",
             "name=cut", "model.image_size=16", f"model.num_classes={CLASSES}",
             f"data.train=s3://{stack.bucket}/faults/train/manifest.json", "data.num_workers=0",
@@ -47,12 +44,8 @@ def _submit(stack, *extra: str) -> subprocess.Popen:
         args.insert(args.index("--set"), "--resume")
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-
 @pytest.mark.timeout(420)
-def test_cut_node_fails_clearly_and_resume_continues(stack_factory, tmp_path, monkeypatch):
-    reason = multinode_available()
-    if reason:
-        pytest.skip(reason)
+def test_cut_node_fails_clearly_and_resume_continues(cluster, tmp_path, monkeypatch):
     import s3fs
     from mlflow.tracking import MlflowClient
 
@@ -60,14 +53,7 @@ def test_cut_node_fails_clearly_and_resume_continues(stack_factory, tmp_path, mo
     from pipeline.data.shards import write_array_shards
     from pipeline.train.checkpoint import find_latest_complete, step_of
 
-    # the workers' test record (where each rank runs): the stack's nodes, and so the jobs' drivers, inherit it
-    record = tmp_path / "record"
-    monkeypatch.setenv("VITPIPE_TEST_FAULT", json.dumps({"record": str(record)}))
-    stack = stack_factory(
-        nodes=3, head_cpus=0, subnet="10.214.0.0/24", ports={"s3": 0, "mlflow": 0}, cpus_per_node=1,
-        health_check={"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                      "health_check_failure_threshold": 4},
-    )
+    stack = cluster
     env = stack.env()
     storage = StorageConfig(endpoint_url=stack.s3_endpoint)
     fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
@@ -95,11 +81,7 @@ def test_cut_node_fails_clearly_and_resume_continues(stack_factory, tmp_path, mo
     assert job.poll() is None, "the job ended before a checkpoint was committed:\n" + job.stdout.read()[-4000:]
     at_cut = committed()
     assert at_cut, "no checkpoint committed in time"
-    rank1 = [e for e in read_record(record, 1) if e["event"] == "start"]
-    assert rank1, "rank 1 recorded no start"
-    worker_ip = rank1[0]["node_ip"]
-    node = stack.node_ips.index(worker_ip)
-    assert node != 0  # the head has no CPUs: it runs the driver only
+    node, worker_ip = CUT, stack.node_ips[CUT]  # the head has no CPUs: both worker nodes run a rank
     t_cut = time.monotonic()
     stack.cut_node(node)
     try:
@@ -136,8 +118,8 @@ def test_cut_node_fails_clearly_and_resume_continues(stack_factory, tmp_path, mo
     # up to the last committed checkpoint every step ran once: the resume did not start over
     assert all(logged[s] == 1 for s in range(1, last_step + 1)), logged
     assert committed()[-1] == STEPS
-    report("cut the link of rank 1's node mid-run (3-node stack)",
-           {"cut node": f"{node} ({worker_ip}, running rank 1)", "committed checkpoints at the cut": at_cut},
+    report("cut the link of a worker node mid-run (3-node share-nothing stack)",
+           {"cut node": f"{node} ({worker_ip}, running a rank)", "committed checkpoints at the cut": at_cut},
            {"first job": f"FAILED after {failed_after_s:.1f}s: {lines[0].strip()[:140]}",
             "last committed checkpoint": last_step, "resubmitted --resume": f"SUCCEEDED at step {summary['step']}",
             "mlflow runs": len(runs), "steps logged once up to checkpoint": last_step}, tmp_path)

@@ -154,6 +154,10 @@ def test_stop_request_checkpoints_the_current_step(process_group, shards, tmp_pa
     assert last["stopped"] is True and last["step"] == 2 and reports == [2]
     state = read_train_state(tmp_path / "kept" / "step2", 0)
     assert state["step"] == 2 and state["config"] == cfg.model_dump(mode="json")
+    # a run restored at its last step has nothing left to train (fit then exports that checkpoint)
+    done = _cfg(shards, tmp_path, "train.steps=2", "train.checkpoint_every=4")
+    last, reports = _train(done, restore_dir=str(tmp_path / "kept" / "step2"))
+    assert last == {"step": 2, "stopped": False} and reports == []
 
 
 def test_resume_in_process_continues_exactly(process_group, shards, tmp_path):

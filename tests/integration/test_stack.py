@@ -1,5 +1,5 @@
-"""The local stack for real: `vitpipe stack up/status/env/down` on 127.0.0.1, and 2 Ray nodes in network
-namespaces whose link a test can cut."""
+"""The local stack for real: `vitpipe stack up/status/env/down` on 127.0.0.1, and 2 Ray nodes in network and
+mount namespaces whose link a test can cut."""
 
 from __future__ import annotations
 
@@ -136,9 +136,8 @@ def test_two_nodes_in_namespaces_and_cut_one(stack_factory, tmp_path):
     )
     head_ip, worker_ip = stack.node_ips
     assert stack.host == "10.213.0.1" and head_ip != worker_ip
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    r = stack.node_exec(0, [sys.executable, str(probe)], capture_output=True, text=True, timeout=120)
+    # (a driver on node 0 sees node 0's private /tmp, not this machine's: the probe travels as an argument)
+    r = stack.node_exec(0, [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads(line[len("RESULT "):])
