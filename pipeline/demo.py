@@ -28,7 +28,7 @@ from pipeline.launch.trainer import fit
 from pipeline.model.checkpoint import load_checkpoint, load_model
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
-from pipeline.tracking.run import TrackedRun, metric_history
+from pipeline.tracking.run import TrackedRun, metric_history, ui_url
 from pipeline.tracking.tail import MetricsTail
 from pipeline.transfer.config import TransferRunConfig
 from pipeline.transfer.job import finetune_model_config, run_transfer, training_config
@@ -94,6 +94,11 @@ class DemoResult:
     @property
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+
+    @property
+    def ui_link(self) -> str:
+        """The pretraining experiment in the model-training view of what `ui_command` serves."""
+        return ui_url("http://127.0.0.1:5000", self.pretrain.get("experiment_id"))
 
     @property
     def transfer_gain(self) -> float:
@@ -380,7 +385,7 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
         losses = _history(uri, pre.run_id, "train/loss")
         shots = {k: _history(uri, pre.run_id, f"fewshot/{t.fewshot_name or 'fmnist'}_{k}shot") for k in t.fewshot_shots}
         result.pretrain = {
-            "run_id": pre.run_id, "model": m.name, "steps": t.steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "run_id": pre.run_id, "experiment_id": pre.experiment_id, "model": m.name, "steps": t.steps, "first_loss": losses[0], "last_loss": losses[-1],
             "fewshot": {k: v[-1] for k, v in shots.items() if v},
             "val_prec1": (_history(uri, pre.run_id, "val/prec1") or [float("nan")])[-1],
             "registered": f"models:/{pre.registered.name}/{pre.registered.version}",
@@ -469,5 +474,5 @@ def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
         gain = result.transfer_gain
         verdict = "transfer beats scratch" if gain > 0 else "NOTE: transfer did NOT beat scratch"
         lines.append(f"{verdict}: {gain * 100:+.1f} points top-1 on digits")
-    lines += ["", "MLflow UI on this demo's store:", f"  {result.ui_command}"]
+    lines += ["", "MLflow UI on this demo's store:", f"  {result.ui_command}", f"  then open {result.ui_link}"]
     return "\n".join(lines)

@@ -43,6 +43,7 @@ class PretrainResult:
     step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     registered: Any = None             # pipeline.tracking.registry.RegisteredVersion, when registered
+    experiment_id: str | None = None   # MLflow experiment of the run
 
 
 def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -112,4 +113,4 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
             else:
                 run.log_artifact(final, "final")
     return PretrainResult(cfg.name, url, result.checkpoint, result.final_checkpoint, run.run_id, result.step,
-                          result.metrics, registered)
+                          result.metrics, registered, run.experiment_id)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from pipeline.tracking.registry import RegisteredVersion
 
 __all__ = [
-    "RunRef", "RunStopped", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "metric_history",
+    "RunRef", "RunStopped", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
     "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND",
 ]
 
@@ -89,6 +89,7 @@ class TrackedRun:
         self.resume_id = resume_id
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.resumed = False
         self.status: str | None = None  # set when the run ended
 
@@ -239,14 +240,24 @@ class MlflowRun(TrackedRun):
             else:
                 client.update_run(self.resume_id, status="RUNNING")
                 self.run_id, self.resumed = self.resume_id, True
-                log.info("MLflow run %s resumed (%s)", self.run_id, self.tracking_uri)
+                self.experiment_id = client.get_run(self.run_id).info.experiment_id
+                log.info("MLflow run %s resumed: %s", self.run_id, self.ui_url or self.tracking_uri)
                 return
         tags = dict(self.tags)
         if self.resume_id:
             tags["vitpipe.resumed_from"] = self.resume_id
-        run = client.create_run(self._experiment_id(), run_name=self.name, tags=tags)
+        self.experiment_id = self._experiment_id()
+        run = client.create_run(self.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s, experiment %s)", self.run_id, self.tracking_uri, self.tracking.experiment)
+        log.info("MLflow run %s (experiment %s): %s", self.run_id, self.tracking.experiment,
+                 self.ui_url or self.tracking_uri)
+
+    @property
+    def ui_url(self) -> str | None:
+        """The run's page in the MLflow UI of an HTTP tracking server, in the model-training view."""
+        if self.run_id is None or not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return ui_url(self.tracking_uri, self.experiment_id, self.run_id)
 
     def _end(self, status: str) -> None:
         if self.run_id is not None:
@@ -290,6 +301,14 @@ class MlflowRun(TrackedRun):
 
         return register_checkpoint(checkpoint_dir, run_id=self.run_id, name=name, tracking_uri=self.tracking_uri,
                                    alias=alias, tags=tags, artifact_path=artifact_path, description=description)
+
+
+def ui_url(base: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI at `base` (the server, or what `mlflow ui` serves) that opens the model-training
+    view: MLflow 3.17's UI shows the GenAI view unless the URL (or the browser's remembered sidebar switch) says
+    otherwise, whatever the experiment's kind tag."""
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") if experiment_id else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

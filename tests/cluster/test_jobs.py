@@ -130,23 +130,39 @@ def _chromium(url: str, profile: Path, screenshot: Path | None = None) -> subpro
 
 
 def test_mlflow_ui_on_the_bridge_address_shows_the_runs(cluster, pretrained, finetuned, tmp_path):
-    """The React app, served on the stack's bridge address (not localhost), loaded by headless Chromium: the
-    experiment opens in the model-training view and lists both runs. The stack allows that origin itself."""
+    """The React app, served on the stack's bridge address (not localhost), loaded by headless Chromium in a fresh
+    profile, as a user follows the links: the run link the pretraining job printed opens the run in the
+    model-training view; the experiment's link lists both runs. The stack allows that origin itself."""
+    import re
+
     if shutil.which("chromium") is None and not Path("/usr/bin/chromium").exists():
         pytest.skip("chromium is not installed (make setup installs it as root)")
     from mlflow import MlflowClient
 
+    from pipeline.tracking.run import ui_url
+
+    printed = re.search(rf"MLflow run (\w+) \(experiment {EXPERIMENT}\): (http\S+)", pretrained.stdout)
+    assert printed, pretrained.stdout[-3000:]
+    run_id, link = printed.groups()
+    assert link.startswith(cluster.mlflow_uri) and link.endswith(f"/runs/{run_id}?workflowType=machine_learning")
+    dom = _chromium(link, tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the model-training view's sidebar links the model registry; the GenAI view's lists judges instead
+    ml_view = lambda html: "Model registry" in html and "Judges" not in html  # noqa: E731
+    assert PRETRAIN_RUN in dom.stdout and "train/loss" in dom.stdout and ml_view(dom.stdout), link
+
     exp = MlflowClient(cluster.mlflow_uri).get_experiment_by_name(EXPERIMENT)
-    page = f"{cluster.mlflow_uri}/#/experiments/{exp.experiment_id}/runs"
-    dom = _chromium(page, tmp_path / "profile")
+    page = ui_url(cluster.mlflow_uri, exp.experiment_id)
+    dom = _chromium(page, tmp_path / "profile2")
     assert dom.returncode == 0, dom.stderr[-2000:]
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "mlflow-ui.html").write_text(dom.stdout)
     for run_name in (PRETRAIN_RUN, TRANSFER_RUN):
         assert run_name in dom.stdout, f"the MLflow UI page {page} does not show run {run_name}"
+    assert ml_view(dom.stdout), f"{page} did not open the model-training view"
     shot = ARTIFACTS / "mlflow-ui.png"
     shot.unlink(missing_ok=True)
-    r = _chromium(page, tmp_path / "profile", screenshot=shot)
+    r = _chromium(page, tmp_path / "profile3", screenshot=shot)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000, f"{shot}: {len(png)} bytes"

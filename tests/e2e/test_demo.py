@@ -33,6 +33,7 @@ def test_demo_quick_prints_the_summary(tmp_path):
     assert len(top1) == 2 and all(0 <= float(a) <= 100 for a in top1), summary
     db = workdir / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000" in summary
+    assert re.search(r"then open http://127\.0\.0\.1:5000/#/experiments/\d+\?workflowType=machine_learning", summary)
 
     # the store the UI command opens holds what the table reports
     from mlflow import MlflowClient
