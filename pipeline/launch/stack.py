@@ -59,8 +59,20 @@ NODE_ENV = {
 }
 # Run by `sh -c` inside the node's new mount namespace, then exec's the node's command. The token and DeepSpeed's
 # compiled ops come in through the environment / a path outside /tmp (a path under the host's /tmp is hidden).
+# What the nodes share (the venv, the project) may itself live under /tmp (a checkout there): those folders are
+# parked on a private tmpfs over /mnt while the node's own /tmp is mounted, then bound back at their paths.
 _NODE_SETUP = f"""set -eu
+i=0
+for p in $VITPIPE_NODE_SHARED; do
+  case "$p" in /tmp/*) [ "$i" -gt 0 ] || mount -t tmpfs vitpipe-node-keep /mnt
+    mkdir -p /mnt/keep$i; mount --bind "$p" /mnt/keep$i; i=$((i+1));; esac
+done
 mount -t tmpfs -o mode=1777 vitpipe-node-tmp /tmp
+i=0
+for p in $VITPIPE_NODE_SHARED; do
+  case "$p" in /tmp/*) mkdir -p "$p"; mount --bind /mnt/keep$i "$p"; i=$((i+1));; esac
+done
+unset VITPIPE_NODE_SHARED
 mount -t tmpfs -o mode=1777 vitpipe-node-shm /dev/shm
 mkdir -p "$HOME/.ray" {NODE_WORKDIR} {NODE_RAY_TEMP} "$TORCH_EXTENSIONS_DIR"
 ( umask 077; printf '%s' "$VITPIPE_NODE_TOKEN" > "$RAY_AUTH_TOKEN_PATH" )
@@ -324,6 +336,7 @@ class Stack:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
             env.update(NODE_ENV)
             env["VITPIPE_NODE_OPS"] = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+            env["VITPIPE_NODE_SHARED"] = " ".join(_shared_paths())
             env["VITPIPE_NODE_TOKEN"] = Path(self.token_path).read_text().strip()
             temp = NODE_RAY_TEMP
         else:
@@ -494,6 +507,16 @@ class Stack:
         if self.backend_store_uri == f"sqlite:///{sdir / 'mlflow.db'}":
             (sdir / "mlflow.db").unlink(missing_ok=True)
         return stopped
+
+
+def _shared_paths() -> list[str]:
+    """What an image would hold and every node sees: the venv (and the Python it was made from) and the
+    project's code."""
+    project = Path(__file__).resolve().parents[2]
+    paths = {sys.prefix, os.path.realpath(sys.prefix), sys.base_prefix, str(project)}
+    if any(" " in p for p in paths):
+        raise StackError(f"a multi-node stack cannot share paths with spaces: {sorted(paths)}")
+    return sorted(paths)
 
 
 # ---------------------------------------------------------------------- process helpers
