@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 
 __all__ = ["NetnsError", "Subnet", "check_available", "create_bridge", "add_node", "set_link", "link_is_up",
-           "ns_pids", "remove_node", "remove_bridge", "exec_prefix", "list_namespaces"]
+           "ns_pids", "leftovers", "remove_node", "remove_bridge", "exec_prefix", "list_namespaces"]
 
 
 class NetnsError(RuntimeError):
@@ -88,15 +88,40 @@ def _link_exists(name: str) -> bool:
     return _ip("link", "show", "dev", name, check=False).returncode == 0
 
 
-def create_bridge(subnet: Subnet) -> None:
-    if _link_exists(subnet.bridge):
+def leftovers(subnet: Subnet) -> list[str]:
+    """Namespaces of `subnet` that exist now (`vp<tag>n<i>`), e.g. left by a stack whose processes were killed."""
+    prefix = subnet.namespace(0)[:-1]
+    return sorted(ns for ns in list_namespaces() if ns.startswith(prefix) and ns[len(prefix):].isdigit())
+
+
+def create_bridge(subnet: Subnet) -> list[str]:
+    """The subnet's bridge, holding its first address. A bridge left by a stack that no longer runs (its session
+    was killed: the kernel keeps links and namespaces after their processes are gone) is reclaimed first; one
+    whose namespaces still hold processes belongs to a running stack and is refused. Returns what was reclaimed."""
+    spaces = leftovers(subnet)
+    busy = [ns for ns in spaces if ns_pids(ns)]
+    bridge = _link_exists(subnet.bridge)
+    if busy or bridge and not spaces and _bridge_ports(subnet.bridge):
         raise NetnsError(
-            f"bridge {subnet.bridge} already exists: another multi-node stack uses {subnet.cidr} "
-            "(stop it with `vitpipe stack down`, or pick another subnet with --subnet 10.213.N.0/24)"
+            f"{subnet.cidr} is in use by another multi-node stack (bridge {subnet.bridge}"
+            f"{'; processes run in ' + ', '.join(busy) if busy else ''}): stop it with `vitpipe stack down`, or pick "
+            "another subnet with --subnet 10.213.N.0/24"
         )
+    for ns in spaces:
+        remove_node(subnet, int(ns[len(subnet.namespace(0)) - 1:]))
+    if bridge:
+        remove_bridge(subnet)
+    reclaimed = spaces + ([subnet.bridge] if bridge else [])
     _ip("link", "add", subnet.bridge, "type", "bridge")
     _ip("addr", "add", f"{subnet.host_ip}/24", "dev", subnet.bridge)
     _ip("link", "set", subnet.bridge, "up")
+    return reclaimed
+
+
+def _bridge_ports(bridge: str) -> list[str]:
+    """Interfaces attached to `bridge` (a bridge with ports but none of our namespaces is not ours to remove)."""
+    out = _ip("-o", "link", "show", "master", bridge, check=False).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
 
 
 def add_node(subnet: Subnet, i: int) -> None:

@@ -117,6 +117,7 @@ class Stack:
     token_path: str
     subnet: str | None = None
     namespaces: list[str] = field(default_factory=list)
+    bridge: str | None = None  # set once this stack made its bridge: `down` removes only what `up` made
     temp_root: str = ""
     procs: list[Proc] = field(default_factory=list)
     health_check: dict[str, int] = field(default_factory=dict)
@@ -229,7 +230,12 @@ class Stack:
         stack._save()
         try:
             if net is not None:
-                netns.create_bridge(net)
+                reclaimed = netns.create_bridge(net)
+                if reclaimed:
+                    log.warning("removed %s: left by a multi-node stack on %s that no longer runs",
+                                ", ".join(reclaimed), net.cidr)
+                stack.bridge = net.bridge
+                stack._save()
                 _resolve_ports(p, host, names)
                 for i in range(nodes):
                     netns.add_node(net, i)
@@ -494,10 +500,13 @@ class Stack:
         if self.subnet:
             net = netns.Subnet(self.subnet)
             for i in range(self.nodes):
+                if net.namespace(i) not in self.namespaces:
+                    continue  # never made by this stack (an `up` that failed early): not ours to touch
                 for pid in netns.ns_pids(net.namespace(i)):  # anything still inside is ours
                     _kill_pid(pid)
                 netns.remove_node(net, i)
-            netns.remove_bridge(net)
+            if self.bridge:
+                netns.remove_bridge(net)
         if self.temp_root:  # single node (a multi-node stack's temp dirs vanish with its mount namespaces)
             _kill_matching(self.temp_root)
             shutil.rmtree(self.temp_root, ignore_errors=True)

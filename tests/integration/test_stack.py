@@ -128,6 +128,12 @@ def test_two_nodes_in_namespaces_and_cut_one(stack_factory, tmp_path):
     reason = multinode_available()
     if reason:
         pytest.skip(reason)
+    # what a killed session leaves behind: the kernel keeps its bridge and namespaces, with no process inside
+    from pipeline.launch import netns
+
+    net = netns.Subnet("10.213.0.0/24")
+    netns.create_bridge(net)
+    netns.add_node(net, 0)
     stack = stack_factory(
         nodes=2, subnet="10.213.0.0/24", ports={"s3": 0, "mlflow": 0}, cpus_per_node=1,
         # short GCS health checks so a cut node is declared dead in seconds
@@ -147,6 +153,11 @@ def test_two_nodes_in_namespaces_and_cut_one(stack_factory, tmp_path):
     # S3 and MLflow listen on the bridge address only
     listening = _listening(_tree([p.pid for p in stack.procs if p.name in ("s3", "mlflow")]))
     assert listening and all(ip == stack.host for ip, _ in listening), listening
+
+    # a second stack on the same subnet is refused, and its failed start leaves the running one untouched
+    with pytest.raises(netns.NetnsError, match=r"10\.213\.0\.0/24 is in use by another multi-node stack"):
+        Stack.up(tmp_path / "second", nodes=2, subnet="10.213.0.0/24", ports={"s3": 0, "mlflow": 0})
+    assert stack.status()["healthy"]
 
     stack.cut_node(1)
     deadline = time.monotonic() + 40
