@@ -46,14 +46,13 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     accum = gradient_accumulation(train, world_size)
     opt = train.optim
     if opt.name == "adamw":
-        # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam, which JIT-compiles and needs CUDA.
-        optimizer = {
-            "type": "AdamW",
-            "params": {
-                "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
-                "torch_adam": True,
-            },
-        }
+        params = {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+        # On the device: torch.optim.AdamW instead of DeepSpeed's FusedAdam (a JIT-compiled CUDA op). With the
+        # optimizer offloaded, DeepSpeed's DeepSpeedCPUAdam (the cpu_adam op, vectorised) steps the CPU partitions:
+        # torch_adam there would silently run torch.optim.AdamW on the CPU, several times slower.
+        if not train.zero.offload_optimizer:
+            params["torch_adam"] = True
+        optimizer = {"type": "AdamW", "params": params}
     else:
         optimizer = {
             "type": "SGD",  # DeepSpeed falls back to torch.optim.SGD for names it does not implement

@@ -60,6 +60,8 @@ def test_zero_stages_and_offload(stage):
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert ("offload_param" in zero) == (stage == 3)
     assert ("stage3_gather_16bit_weights_on_model_save" in zero) == (stage == 3)
+    # offloaded partitions are stepped by DeepSpeedCPUAdam (the cpu_adam op), not torch's AdamW on the CPU
+    assert "torch_adam" not in ds["optimizer"]["params"]
 
 
 def test_offload_params_needs_stage3():
