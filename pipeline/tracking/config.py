@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["TrackingConfig", "resolve_tracking_uri"]
 
@@ -27,6 +27,12 @@ class TrackingConfig(BaseModel):
     registered_model: str | None = Field(None, description="register the final checkpoint under this name")
     register_alias: str | None = Field("latest", description="alias set on the newly registered version")
     flush_every_s: float = Field(5.0, gt=0, description="how often the async sink ships batched metrics")
+
+    @field_validator("sink", mode="before")
+    @classmethod
+    def _yaml_null_is_the_null_sink(cls, value):
+        # `sink: null` in YAML (or --set tracking.sink=null) parses as None: the user means the null sink
+        return "null" if value is None else value
 
     @model_validator(mode="after")
     def _registry_needs_mlflow(self) -> "TrackingConfig":

@@ -49,6 +49,8 @@ def test_base_inheritance_and_overrides(tmp_path: Path) -> None:
     assert cfg.model.name == "vit_b16" and cfg.model.num_classes == 100  # child overrides base, keeps siblings
     assert cfg.train.steps == 5 and cfg.train.global_batch == 64
     assert cfg.train.optim.lr == pytest.approx(3e-4)
+    # `null` is YAML's None; for tracking.sink it names the null sink
+    assert load_config(child, ["tracking.sink=null"]).tracking.sink == "null"
 
 
 def test_error_names_file_field_value_and_allowed(tmp_path: Path) -> None:
