@@ -28,7 +28,7 @@ from pipeline.train.spec import InitSpec, WorkerSpec
 
 __all__ = [
     "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_exists", "ray_storage", "preflight",
-    "check_cluster", "worker_env", "build_trainer", "fit",
+    "check_cluster", "worker_env", "build_trainer", "fit", "finish_fit",
 ]
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,18 @@ def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = No
     trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
     with on_sigterm(stop):
         result = trainer.fit()
-    metrics = dict(result.metrics or {})
+    return finish_fit(cfg, url, dict(result.metrics or {}), stop.reason or "SIGTERM on a worker")
+
+
+def finish_fit(cfg: RunConfig, url: str, metrics: dict[str, Any], stop_reason: str) -> FitResult:
+    """The FitResult of a run whose ranks returned `metrics`, and its final export when training completed."""
     # the committed checkpoints in storage are the authority (as for restores): a run resumed after it had
     # finished training (its export was interrupted, say) reports nothing new, and its last checkpoint is final
     latest = latest_state(url, cfg.storage)
     step = int(latest[1]["step"]) if latest else 0
     out = FitResult(cfg.name, url, step, latest[0] if latest else None, None, metrics=metrics)
     if metrics.get("stopped"):
-        out.stopped, out.reason = True, stop.reason or "SIGTERM on a worker"
+        out.stopped, out.reason = True, stop_reason
         return out
     if step != cfg.train.steps:
         raise RuntimeError(f"run {cfg.name!r}: training ended at step {step} of {cfg.train.steps} without a final "
