@@ -20,7 +20,7 @@ from tests.cluster.support import source_files, vitpipe
 from tests.fixtures.ray_stack import multinode_available
 
 SUBNET = "10.213.6.0/24"
-# a node is declared dead a few seconds after its link is cut (tests/cluster/test_node_faults.py), with room for
+# a node is declared dead a few seconds after its link is cut (tests/cluster/test_jobs.py), with room for
 # a slow answer from a raylet on a busy 2-core machine
 HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
                 "health_check_failure_threshold": 4}

@@ -1,4 +1,4 @@
-"""Helpers of the cluster tests: `vitpipe` as a user runs it, job ids and statuses from its output, the tiny IDX
+"""Helpers of the cluster tests: `vitpipe` as a user runs it (or in the background), job ids and statuses from its output, the tiny IDX
 source files the shards job converts, MLflow lookups by run name."""
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ def vitpipe(args: list[str], env: dict[str, str], timeout: float = 300) -> subpr
         pytest.fail(f"vitpipe {' '.join(args[:2])} still running after {timeout} s:\n{out[-6000:]}")
     print(r.stdout[-3000:], r.stderr[-2000:], sep="\n")
     return r
+
+
+def vitpipe_popen(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`vitpipe ARGS` started in the background (stdout and stderr together, as text)."""
+    return subprocess.Popen([*VITPIPE, *args], env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def submitted(r: subprocess.CompletedProcess) -> str:
