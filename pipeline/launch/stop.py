@@ -2,22 +2,26 @@
 preempted head send) or to a training worker (a preempted worker node) makes every rank finish its current step
 and write one committed checkpoint at the same step (pipeline.train.loop all-reduces the stop vote).
 
-Driver side: `StopSignal.create()` makes a small Ray actor holding the flag; `on_sigterm(stop)` turns the first
-SIGTERM into `stop.request()` (a second one exits at once, as before). Worker side: `stop.requested()` polls the
-actor without blocking; `install_worker_handler` (run on each worker's main thread by `torch_config`'s backend:
-Python delivers signals only there, and Ray Train runs the training function in another thread) turns a
-SIGTERM into `termination_requested()`. Ctrl-C on the driver is Ray Train's own: it aborts the run (KILLED).
+Driver side: `StopSignal.create(run_url, storage)` clears the run's stop marker; `on_sigterm(stop)` turns the first
+SIGTERM into `stop.request()`, which writes it (a second SIGTERM exits at once, as before). Worker side: rank 0's
+`stop.requested()` looks for the marker every second or so; `install_worker_handler` (run on each worker's main
+thread by `torch_config`'s backend: Python delivers signals only there, and Ray Train runs the training function in
+another thread) turns a SIGTERM into `termination_requested()`. Ctrl-C on the driver is Ray Train's own: it aborts the run (KILLED).
 ray is imported inside functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
+
+from pipeline.data.config import StorageConfig
+from pipeline.data.storage import get_filesystem
 
 __all__ = ["StopSignal", "on_sigterm", "torch_config", "install_worker_handler", "termination_requested",
            "training_active"]
@@ -25,56 +29,55 @@ __all__ = ["StopSignal", "on_sigterm", "torch_config", "install_worker_handler",
 log = logging.getLogger(__name__)
 
 
-class _StopFlag:
-    """The Ray actor behind a StopSignal."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def get(self) -> str | None:
-        return self.reason
-
-
 class StopSignal:
-    """A stop flag shared by a run's driver and its workers. Picklable (the actor handle travels, the polling
-    state does not)."""
+    """A stop flag shared by a run's driver and its workers: a small marker object, `<run_url>/STOP_REQUESTED`, in
+    the run's own storage. Only its URL crosses to the workers (no actor to start for every run, nothing tied to
+    the driver's process); picklable, its polling state stays behind."""
 
-    def __init__(self, actor: Any, poll_s: float = 0.5):
-        self._actor, self._poll_s = actor, poll_s
+    MARKER = "STOP_REQUESTED"
+
+    def __init__(self, run_url: str, storage: StorageConfig, poll_s: float = 1.0):
+        self.url = f"{run_url.rstrip('/')}/{self.MARKER}"
+        self._storage, self._poll_s = storage, poll_s
         self._last = 0.0
         self.reason: str | None = None
 
     @classmethod
-    def create(cls) -> "StopSignal":
-        import ray
-
-        return cls(ray.remote(num_cpus=0)(_StopFlag).remote())
+    def create(cls, run_url: str, storage: StorageConfig) -> "StopSignal":
+        """The run's signal, cleared: a request left by an earlier, stopped attempt does not stop this one."""
+        signal_ = cls(run_url, storage)
+        fs, path = get_filesystem(signal_.url, storage)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return signal_
 
     def __getstate__(self) -> dict:
-        return {"_actor": self._actor, "_poll_s": self._poll_s}
+        return {"url": self.url, "_storage": self._storage, "_poll_s": self._poll_s}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["_actor"], state["_poll_s"])
+        self.__dict__.update(state, _last=0.0, reason=None)
 
     def request(self, reason: str) -> None:
-        """Driver side; non-blocking."""
+        """Driver side: writes the marker (with the reason)."""
         self.reason = self.reason or reason
-        self._actor.request.remote(reason)
+        fs, path = get_filesystem(self.url, self._storage)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps({"reason": self.reason, "time": time.time()}).encode())
 
     def requested(self) -> bool:
-        """Worker side: asks the actor at most every `poll_s` seconds (one small actor call, ~1 ms), so a stop is
-        seen within `poll_s` plus a step."""
-        import ray
-
+        """Worker side: looks for the marker at most every `poll_s` seconds (one small read), so a stop is seen
+        within `poll_s` plus a step."""
         if self.reason is None and time.monotonic() - self._last >= self._poll_s:
             self._last = time.monotonic()
+            fs, path = get_filesystem(self.url, self._storage)
             try:
-                self.reason = ray.get(self._actor.get.remote(), timeout=10)
-            except Exception as e:  # noqa: BLE001 - a busy or lost driver: Ray ends the workers if it is gone
-                log.warning("stop signal unreachable (%s); continuing", e)
+                self.reason = json.loads(fs.cat_file(path)).get("reason") or "stop requested"
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # noqa: BLE001 - unreachable storage must not end training; try again later
+                log.warning("stop signal %s unreadable (%s); continuing", self.url, e)
         return self.reason is not None
 
 
@@ -97,13 +100,16 @@ def on_sigterm(stop: StopSignal) -> Iterator[StopSignal]:
         stop.reason = "SIGTERM"
         wake.set()
 
-    def forward() -> None:  # Ray calls stay out of the signal handler
+    def forward() -> None:  # storage calls stay out of the signal handler
         while not wake.wait(0.2):
             if done.is_set():
                 return
         log.warning("SIGTERM: finishing the current step on every rank, then a checkpoint (a second SIGTERM "
                     "stops at once)")
-        stop.request("SIGTERM")
+        try:
+            stop.request("SIGTERM")
+        except Exception as e:  # noqa: BLE001 - the workers then run on; a second SIGTERM still stops the driver
+            log.error("could not write the stop request %s: %s", stop.url, e)
 
     done = threading.Event()
     forwarder = threading.Thread(target=forward, name="vitpipe-stop", daemon=True)

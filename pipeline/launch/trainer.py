@@ -215,7 +215,7 @@ def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = No
     check_cluster(cfg)
     url = run_url(cfg)
     spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks())
-    stop = StopSignal.create()
+    stop = StopSignal.create(url, cfg.storage)
     trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
     with on_sigterm(stop):
         result = trainer.fit()
