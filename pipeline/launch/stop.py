@@ -72,6 +72,9 @@ class StopSignal:
         if self.reason is None and time.monotonic() - self._last >= self._poll_s:
             self._last = time.monotonic()
             fs, path = get_filesystem(self.url, self._storage)
+            # a listing of the run folder cached by this process (a restore looked for checkpoints) would answer
+            # "not found" for the marker written since
+            fs.invalidate_cache(path.rsplit("/", 1)[0])
             try:
                 self.reason = json.loads(fs.cat_file(path)).get("reason") or "stop requested"
             except FileNotFoundError:

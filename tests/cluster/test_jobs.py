@@ -177,9 +177,9 @@ def test_a_lost_node_and_a_stop_both_resume_to_the_uninterrupted_losses(cluster,
     1. A node is lost: once the step-2 checkpoint is committed, the link of worker node 2 (it runs rank 1) is cut.
        Our jobs have no elastic scaling (the group needs both worker nodes' CPUs), so with scaling.max_failures=0
        the job fails, and says which node died.
-    2. The node is back; `submit --resume` continues from step 2; once it has logged a step of its own, `vitpipe
-       jobs stop`: every rank finishes its step and commits one checkpoint at the same step, the run ends KILLED
-       and the job STOPPED.
+    2. The node is back; `submit --resume` continues from step 2; once its workers have started, `vitpipe jobs
+       stop`: every rank finishes its step and commits one checkpoint at the same step, the run ends KILLED and
+       the job STOPPED.
     3. `submit --resume` finishes at step 10 in the same run, every step up to the lost node's checkpoint trained
        once, with the uninterrupted run's losses."""
     import re
@@ -230,21 +230,11 @@ def test_a_lost_node_and_a_stop_both_resume_to_the_uninterrupted_losses(cluster,
     cluster.restore_node(node)
     cluster.restart_node(node)
 
-    # 2. resumed, then stopped
-    started_ms = time.time() * 1000
+    # 2. resumed, then stopped as soon as its workers run (its few remaining steps take seconds: a stop sent later
+    # could arrive after the last one)
     job = submitted(vitpipe(["submit", "pretrain", *args[:1], "--resume", *args[1:]], env))
-
-    def resumed_step() -> int:  # the newest step this job logged itself
-        try:
-            run = run_by_name(uri, EXPERIMENT, STOPPED_RUN)
-        except (AssertionError, AttributeError):
-            return 0
-        from mlflow import MlflowClient
-
-        hist = MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")
-        return max((m.step for m in hist if m.timestamp > started_ms), default=0)
-
-    wait_for(lambda: resumed_step() >= 3, 240, "the resumed job to log a step")
+    wait_for(lambda: "Started training worker group" in vitpipe(["jobs", "logs", job], env).stdout, 240,
+             "the resumed job's workers to start", poll_s=1.0)
     stop = vitpipe(["jobs", "stop", job, "--wait"], env, timeout=400)
     assert stop.returncode == 0 and f"{job}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     logs = vitpipe(["jobs", "logs", job], env).stdout
@@ -275,7 +265,7 @@ def test_a_lost_node_and_a_stop_both_resume_to_the_uninterrupted_losses(cluster,
     assert status(job, env) == "STOPPED" and max(committed()) == STEPS
     report("a lost node, then a stop (3-node share-nothing stack)",
            {"cut node": f"{node} ({worker_ip}, running rank 1) after the step-2 checkpoint",
-            "vitpipe jobs stop": "on the resumed job, after it logged a step"},
+            "vitpipe jobs stop": "on the resumed job, once its workers started"},
            {"first job": f"FAILED after {failed_after_s:.1f}s: {dead[0].strip()[:140]}",
             "resumed job": f"STOPPED, one checkpoint at step {stopped_at} (both ranks), run KILLED",
             "resumed again": f"SUCCEEDED at step {STEPS}, losses at steps 5 and 10 = the uninterrupted run's",

@@ -128,19 +128,3 @@ def test_only_the_tracking_package_creates_mlflow_runs_and_no_test_switch_is_lef
                  if re.search(r"\.create_run\(|\.create_experiment\(|set_terminated", p.read_text())]
     assert run_owner == ["pipeline/tracking/run.py"]
 
-
-def test_a_stop_request_reaches_the_workers_through_the_runs_storage(tmp_path):
-    from pipeline.data.config import StorageConfig
-    from pipeline.launch.stop import StopSignal
-
-    run = str(tmp_path / "runs" / "r1")
-    driver = StopSignal.create(run, StorageConfig())
-    worker = pickle.loads(pickle.dumps(driver))  # what Ray hands each worker: the URL, no polling state
-    assert not worker.requested()
-    driver.request("SIGTERM")
-    assert worker.requested() is False  # polled at most every poll_s: not yet looked again
-    worker._last = 0.0
-    assert worker.requested() and worker.reason == "SIGTERM"
-    assert (Path(run) / "STOP_REQUESTED").is_file()
-    again = StopSignal.create(run, StorageConfig())  # the next attempt (a --resume) starts without the old request
-    assert not (Path(run) / "STOP_REQUESTED").exists() and not pickle.loads(pickle.dumps(again)).requested()
