@@ -39,7 +39,7 @@ class StopSignal:
     def __init__(self, run_url: str, storage: StorageConfig, poll_s: float = 1.0):
         self.url = f"{run_url.rstrip('/')}/{self.MARKER}"
         self._storage, self._poll_s = storage, poll_s
-        self._last = 0.0
+        self._last: float | None = None  # when it last looked (None: not yet, so the first call looks)
         self.reason: str | None = None
 
     @classmethod
@@ -57,7 +57,7 @@ class StopSignal:
         return {"url": self.url, "_storage": self._storage, "_poll_s": self._poll_s}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _last=0.0, reason=None)
+        self.__dict__.update(state, _last=None, reason=None)
 
     def request(self, reason: str) -> None:
         """Driver side: writes the marker (with the reason)."""
@@ -69,7 +69,7 @@ class StopSignal:
     def requested(self) -> bool:
         """Worker side: looks for the marker at most every `poll_s` seconds (one small read), so a stop is seen
         within `poll_s` plus a step."""
-        if self.reason is None and time.monotonic() - self._last >= self._poll_s:
+        if self.reason is None and (self._last is None or time.monotonic() - self._last >= self._poll_s):
             self._last = time.monotonic()
             fs, path = get_filesystem(self.url, self._storage)
             # a listing of the run folder cached by this process (a restore looked for checkpoints) would answer

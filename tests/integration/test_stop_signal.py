@@ -23,6 +23,7 @@ def test_a_stop_request_reaches_the_workers_through_the_runs_storage(where, tmp_
         f"s3://{s3_bucket}/runs/r-{uuid.uuid4().hex[:6]}", storage_config)
     driver = StopSignal.create(run, storage)
     worker = pickle.loads(pickle.dumps(driver))  # what Ray hands each worker: the URL, no polling state
+    worker._poll_s = 3600.0  # (the second look below must fall inside one poll interval however slow the machine)
     fs, root = get_filesystem(run, storage)
     fs.makedirs(f"{root}/checkpoint_00000002", exist_ok=True)
     fs.pipe_file(f"{root}/checkpoint_00000002/COMMITTED.rank0", b"{}")
@@ -32,7 +33,7 @@ def test_a_stop_request_reaches_the_workers_through_the_runs_storage(where, tmp_
     code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()).request('SIGTERM')"
     subprocess.run([sys.executable, "-c", code], input=pickle.dumps(driver), check=True, timeout=60)
     assert not worker.requested()  # polled at most every poll_s: not looked again yet
-    worker._last = 0.0
+    worker._last = None  # (as if the interval had passed)
     assert worker.requested() and worker.reason == "SIGTERM"
     assert fs.exists(f"{root}/STOP_REQUESTED")
     again = StopSignal.create(run, storage)  # the next attempt (a --resume) starts without the old request
