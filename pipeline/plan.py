@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from pipeline.config import RunConfig
 from pipeline.model.flops import forward_flops, param_count
 from pipeline.model.variants import get_variant
+from pipeline.train.throughput import gpu
 
-__all__ = ["GPU_PEAK_TFLOPS", "Plan", "make_plan", "format_plan", "zero_model_state_bytes"]
+__all__ = ["Plan", "make_plan", "format_plan", "zero_model_state_bytes"]
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
-GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v100": 125.0}
 
 
 def zero_model_state_bytes(params: int, world: int) -> dict[int, float]:
@@ -85,13 +85,15 @@ def make_plan(
         raise ValueError(f"--gpus must be positive, got {gpus}")
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
-    if gpu_type not in GPU_PEAK_TFLOPS:
-        raise ValueError(f"unknown --gpu-type {gpu_type!r}; known: {', '.join(GPU_PEAK_TFLOPS)}")
+    try:
+        peak = gpu(gpu_type).peak.get("bf16") or gpu(gpu_type).peak["fp16"]  # 16-bit training
+    except ValueError as e:
+        raise ValueError(f"--gpu-type: {e}") from None
     fwd = forward_flops(cfg.model.name, cfg.model.image_size)
     train_per_image = 3 * fwd
     images = cfg.train.steps * cfg.train.global_batch
     total = train_per_image * images
-    rate = gpus * GPU_PEAK_TFLOPS[gpu_type] * 1e12 * mfu  # achieved FLOP/s
+    rate = gpus * peak * 1e12 * mfu  # achieved FLOP/s
     wall_s = total / rate
     images_per_s = rate / train_per_image
     params = param_count(cfg.model)

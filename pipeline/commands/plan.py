@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="estimate FLOPs, memory, wall time and input bandwidth of a pretraining config")
     add_config_args(p)
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: scaling.num_workers)")
-    p.add_argument("--gpu-type", default="h100", help="h100 | h200 | a100 | v100 (bf16 dense peak)")
+    p.add_argument("--gpu-type", default="h100", help="h100 | h100-pcie | h200 | a100 | l40s | ... (16-bit dense peak; pipeline.train.throughput.GPUS)")
     p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--num-samples", type=int, default=None, help="dataset size (default: read from the manifest)")
     p.add_argument("--bytes-per-sample", type=float, default=None, help="mean stored bytes per sample")

@@ -54,3 +54,19 @@ def test_plan_cli_prints_the_table(capsys) -> None:
 def test_plan_rejects_bad_arguments(args, needle, capsys) -> None:
     rc = main(["plan", str(REPO / "configs/pretrain/vit-b16-jft.yaml"), "--no-manifest", *args])
     assert rc == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, name, bf16", [
+    ("NVIDIA H100 80GB HBM3", "h100", 989.0), ("NVIDIA H100 PCIe", "h100-pcie", 756.0),
+    ("NVIDIA H100 NVL", "h100-nvl", 835.0), ("NVIDIA H200", "h200", 989.0), ("NVIDIA A100-SXM4-80GB", "a100", 312.0),
+    ("NVIDIA L40S", "l40s", 362.0), ("NVIDIA L40", "l40", 181.0), ("NVIDIA L4", "l4", 121.0),
+    ("NVIDIA A10G", "a10", 125.0), ("Tesla V100-SXM2-16GB", "v100", None), ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_the_mfu_peak_is_the_devices_own(device, name, bf16) -> None:
+    """An L40 is not an L4 and an H100 PCIe is not the SXM part (dense 16-bit peaks from the data sheets)."""
+    from pipeline.train.throughput import match_gpu, peak_tflops
+
+    found = match_gpu(device)
+    assert (found.name if found else None) == name
+    assert peak_tflops("bf16", device_name=device) == bf16
+    assert peak_tflops("bf16", 123.0, device_name=device) == 123.0  # a configured peak wins
