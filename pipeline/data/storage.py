@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import fsspec
@@ -29,6 +31,7 @@ __all__ = [
     "RetryingReader",
     "get_filesystem",
     "open_url",
+    "download",
     "url_join",
     "retry_counters",
     "register_wds_opener",
@@ -247,6 +250,14 @@ def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *
     if mode == "wb":
         return fs.open(path, "wb")
     raise ValueError(f"open_url: mode must be 'rb' or 'wb', got {mode!r}")
+
+
+def download(url: str, local_path: str | Path, storage: StorageConfig | None = None) -> None:
+    """Copies one object to a local file through `open_url` (a body cut off half-way is read again from the last
+    byte delivered, counted as a retry), where fsspec's own `get` fails the whole copy."""
+    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    with open_url(url, "rb", storage) as src, open(local_path, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def url_join(base: str, name: str) -> str:

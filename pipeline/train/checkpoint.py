@@ -215,14 +215,16 @@ def fetch_checkpoint(url: str, storage: StorageConfig | None = None) -> Iterator
             raise FileNotFoundError(f"checkpoint directory not found: {url}")
         yield path
         return
-    from pipeline.data.storage import get_filesystem
+    from pipeline.data.storage import download, get_filesystem
 
     fs, path = get_filesystem(url, storage)
     if not fs.isdir(path):
         raise FileNotFoundError(f"checkpoint not found in storage: {url}")
     tmp = tempfile.mkdtemp(prefix="vitpipe-fetch-")
     try:
-        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+        root = path.rstrip("/")
+        for key in fs.find(root):  # one file at a time, a cut-off body retried
+            download(f"{url.rstrip('/')}/{key[len(root) + 1:]}", Path(tmp) / key[len(root) + 1:], storage)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
