@@ -23,15 +23,14 @@ from typing import Any, Callable, Iterator, TextIO
 import numpy as np
 
 from pipeline.config import RunConfig, load_config
-from pipeline.data.config import DataConfig
 from pipeline.launch.trainer import fit
-from pipeline.model.checkpoint import load_checkpoint, load_model
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import TrackedRun, metric_history, ui_url
 from pipeline.tracking.tail import MetricsTail
 from pipeline.transfer.config import TransferRunConfig
-from pipeline.transfer.job import finetune_model_config, run_transfer, training_config
+from pipeline.transfer.job import final_eval_spec, finetune_model_config, run_transfer, training_config
 
 __all__ = [
     "DemoPlan", "PLANS", "DemoResult", "run_demo", "find_fashion_mnist", "digits_28px", "format_summary",
@@ -287,27 +286,6 @@ def _history(tracking_uri: str, run_id: str, key: str) -> list[float]:
     return [v for _, v in metric_history(tracking_uri, run_id, key)]
 
 
-def top1_accuracy(checkpoint_dir: str | Path, manifest_url: str, data_cfg: DataConfig, batch_size: int = 128) -> float:
-    """Top-1 of a saved model (model format) over a whole split, eval transform, one process."""
-    import torch
-
-    from pipeline.data.loader import build_loader
-
-    model = load_model(checkpoint_dir).eval()
-    # in this process (no DataLoader workers): a one-off pass over a small split
-    loader = build_loader(manifest_url, DataConfig.model_validate({**data_cfg.model_dump(), "num_workers": 0}),
-                          batch_size=batch_size, image_size=model.cfg.image_size, in_chans=model.cfg.in_chans,
-                          train=False, num_classes=model.cfg.num_classes, drop_last=False)
-    correct = count = 0
-    with torch.no_grad():
-        for batch in loader:
-            correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
-            count += len(batch["label"])
-    if count == 0:
-        raise ValueError(f"{manifest_url}: no samples to evaluate")
-    return correct / count
-
-
 class _Stages:
     def __init__(self, result: DemoResult, say: Callable[[str], None], total: int):
         self.result, self.say, self.total, self.index = result, say, total, 0
@@ -404,8 +382,8 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
             tr = run_transfer(tr_cfg, source=source, workdir=workdir / "transfer")
         finally:
             tail.stop()
-        acc = top1_accuracy(tr.checkpoint_dir, tr_cfg.data.val, tr_cfg.data)
-        result.transfer = {"run_id": tr.run_id, "top1": acc, "driver_top1": tr.metrics.get("final/top1"),
+        acc = tr.metrics["final/top1"]  # the workers' evaluation over the whole test split
+        result.transfer = {"run_id": tr.run_id, "top1": acc,
                            "registered": f"models:/{tr.registered.name}/{tr.registered.version}" if tr.registered
                            else None}
         say(f"  transfer top-1 on {result.data['digits-test']} test digits: {acc:.2%}; registered "
@@ -421,9 +399,10 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
         try:
             with TrackedRun.open(scratch_cfg.tracking, scratch_cfg.name, tags={"demo.baseline_of": tr.run_id}) as run:
                 run.log_params(scratch_cfg.model_dump(mode="json"))
-                sc = fit(scratch_cfg, run=run.ref)
-                acc = top1_accuracy(sc.final_checkpoint, tr_cfg.data.val, tr_cfg.data)
-                run.log_metrics({"final/top1": acc}, tt.steps)
+                # evaluated as the transfer is, in the workers (they log final/* to this run)
+                sc = fit(scratch_cfg, run=run.ref, final_eval=final_eval_spec(tr_cfg, None).model_copy(
+                    update={"plots": False}))
+                acc = sc.metrics["final/top1"]
         finally:
             tail.stop()
         result.scratch = {"run_id": run.run_id, "top1": acc}

@@ -66,3 +66,6 @@ class DataConfig(BaseModel):
     on_error: Literal["skip", "fail"] = Field("skip", description="an unreadable shard: skip and count, or raise")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     prefetch_factor: int = Field(2, ge=1)
+    decode_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (exactly "
+        "resumable); 'cuda' on the worker's GPU, JPEGs batched through nvJPEG (needs scaling.use_gpu)")

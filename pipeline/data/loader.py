@@ -16,12 +16,23 @@ over, with a warning.
 Bad data is skipped and counted, never fatal: an undecodable image or a missing/malformed label skips the sample;
 a truncated tar yields what it had; an unreadable shard (after storage retries) is skipped (`on_error: fail`
 raises instead). A slot left short of samples reads its runs again (a refill pass) so batch counts never change.
+
+GPU decoding (`data.decode_device: cuda`): the workers only check each image's header and hand the batch over
+encoded; the loader decodes it on the GPU (torchvision's batched nvJPEG) and augments it there with the same seeded
+draws, so resume stays exact (pixels may differ from libjpeg's in the last bit).
+
+A batch is {"image": uint8 [B, C, S, S] (normalised on the device: pipeline.data.transforms.to_model_input),
+"label", "key", "valid": bool [B], "index": int64 [B]}. `valid` is False for the repeats that pad an evaluation
+split (drop_last=False) to equal batch counts and for refill repeats: metrics count the valid samples only, so
+every sample of a split counts exactly once over all ranks. `index` is the sample's position in the manifest (a
+world-size-independent order for gathered features).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import random
 import tarfile
 from itertools import count
@@ -35,7 +46,7 @@ from pipeline.data.manifest import Manifest, load_dataset_spec
 from pipeline.data.plan import EpochPlan, Segment
 from pipeline.data.shards import iter_tar_samples
 from pipeline.data.storage import open_url, retry_counters
-from pipeline.data.transforms import IMAGE_KEYS, build_transform, decode_image, normalize
+from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_batch, decode_image
 
 __all__ = ["build_loader", "StreamingLoader", "COUNTER_NAMES"]
 
@@ -43,6 +54,10 @@ log = logging.getLogger(__name__)
 
 COUNTER_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries")
 _META = 3  # role, position, batches done; counters follow
+# DataLoader workers are forked where the OS can: a process that was itself spawned (torch.multiprocessing ranks,
+# pipeline.launch.local) would otherwise spawn them too, re-importing torch and the pipeline (seconds) for every
+# pass over a split. They touch no CUDA, so forking a process that uses a GPU is safe.
+_WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _seed(*parts: int) -> int:
@@ -53,17 +68,19 @@ class _SlotStream(torch.utils.data.IterableDataset):
     """What one DataLoader worker runs. Holds no storage client (each process opens its own, lazily), and only
     this rank's shard runs for the epoch (`segments[role]`, indexing `shards`): O(own shards), not the manifest."""
 
-    def __init__(self, *, shards: list[str], segments: list[list[Segment]], batch_size: int,
-                 batches_per_slot: int, seed: int, epoch: int, rank: int,
+    def __init__(self, *, shards: list[str], offsets: list[int], segments: list[list[Segment]], own: list[int],
+                 batch_size: int, batches_per_slot: int, seed: int, epoch: int, rank: int,
                  positions: list[int], batches_done: list[int], rotation: int, data: DataConfig,
                  storage: StorageConfig, image_size: int, in_chans: int, train: bool, label_type: str,
-                 num_classes: int | None):
+                 num_classes: int | None, defer_decode: bool):
         self.shards, self.segments, self.seed, self.epoch, self.rank = shards, segments, seed, epoch, rank
+        self.offsets, self.own = offsets, own
         self.workers, self.batch_size, self.batches_per_slot = len(segments), batch_size, batches_per_slot
         self.positions, self.batches_done, self.rotation = positions, batches_done, rotation
         self.data, self.storage = data, storage
         self.image_size, self.in_chans, self.train = image_size, in_chans, train
         self.label_type, self.num_classes = label_type, num_classes
+        self.defer_decode = defer_decode
 
     # --- raw samples --------------------------------------------------------------------------------------------
     def _read_segment(self, shard: int, skip: int, take: int, counters: dict[str, int]) -> Iterator[dict]:
@@ -71,6 +88,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         try:
             with open_url(url, "rb", self.storage) as f:
                 for sample in iter_tar_samples(f, skip=skip, take=take):
+                    sample["__index__"] = self.offsets[shard] + skip + got  # position in the manifest
                     got += 1
                     yield sample
         except (tarfile.TarError, EOFError, OSError, ValueError, RuntimeError) as e:
@@ -94,6 +112,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         slot = self.rank * self.workers + role
         rng = random.Random(_seed(self.seed, self.epoch, slot, 1))
         size = self.data.shuffle_buffer
+        seq = 0
         for p in count():
             segs = segments if p == 0 else random.Random(_seed(self.seed, self.epoch, slot, 2, p)).sample(
                 segments, len(segments))
@@ -102,6 +121,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
             buf: list[dict] = []
             for seg in segs:
                 for sample in self._read_segment(*seg, counters):
+                    # the slot's own samples: the first of its run's first pass (the rest are padding repeats)
+                    sample["__own__"] = p == 0 and seq < self.own[role]
+                    seq += p == 0
                     if size <= 1:
                         emitted += 1
                         yield sample
@@ -155,9 +177,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
         transform = build_transform(self.image_size, self.train, self.data.augment)
         slot = self.rank * self.workers + role
         while done < total:
-            images, labels, keys = [], [], []
+            images, labels, keys, own, index = [], [], [], [], []
+            aug_seed = _seed(self.seed, self.epoch, slot, 3, done)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed(self.seed, self.epoch, slot, 3, done))
+                torch.manual_seed(aug_seed)
                 while len(images) < bs:
                     sample = next(raw)
                     pos += 1
@@ -165,7 +188,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
                     try:
                         if data is None:
                             raise ValueError("no image member")
-                        image = decode_image(data, self.in_chans)
+                        if self.defer_decode:  # the header only; decoded with its batch on the device
+                            check_image(data)
+                            image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        else:
+                            image = decode_image(data, self.in_chans)
                     except Exception as e:
                         counters["bad_images"] += 1
                         counters["skipped_samples"] += 1
@@ -178,16 +205,21 @@ class _SlotStream(torch.utils.data.IterableDataset):
                         counters["skipped_samples"] += 1
                         log.debug("skipping sample %s: bad label: %s", sample.get("__key__"), e)
                         continue
-                    images.append(transform(image))
+                    images.append(image if self.defer_decode else transform(image))
                     labels.append(label)
                     keys.append(sample["__key__"])
+                    own.append(sample["__own__"])
+                    index.append(sample["__index__"])
             done += 1
             counters["retries"] = retry_counters()["retries"] - start_retries
             meta = [role, pos, done] + [counters[k] - base[k] for k in COUNTER_NAMES]
             yield {
-                "image": torch.stack(images),
+                **({"encoded": images, "aug_seed": aug_seed} if self.defer_decode else
+                   {"image": torch.stack(images)}),
                 "label": torch.stack(labels) if self.label_type == "multi" else torch.tensor(labels, dtype=torch.int64),
                 "key": keys,
+                "valid": torch.tensor(own, dtype=torch.bool),
+                "index": torch.tensor(index, dtype=torch.int64),
                 "_meta": torch.tensor(meta, dtype=torch.int64),
             }
 
@@ -198,7 +230,8 @@ class StreamingLoader:
 
     def __init__(self, manifest: Manifest, data: DataConfig, storage: StorageConfig, *, batch_size: int,
                  image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0, world_size: int = 1,
-                 num_classes: int | None = None, drop_last: bool = True):
+                 num_classes: int | None = None, drop_last: bool = True, pin_memory: bool = False,
+                 batch_decode_device: torch.device | str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if num_classes is None:
@@ -211,9 +244,12 @@ class StreamingLoader:
         self.manifest, self.data, self.storage = manifest, data, storage
         self.batch_size, self.image_size, self.in_chans, self.train = batch_size, image_size, in_chans, train
         self.rank, self.world_size, self.num_classes, self.drop_last = rank, world_size, num_classes, drop_last
+        self.pin_memory = pin_memory
+        # set: workers only check each image's header, the batch is decoded and augmented here on that device
+        self.batch_decode_device = None if batch_decode_device is None else torch.device(batch_decode_device)
+        self._transform = build_transform(image_size, train, data.augment)  # validated now, not in a worker
         self.plan = EpochPlan(np.asarray(manifest.samples_per_shard), world_size, data.num_workers, batch_size,
                               drop_last)
-        build_transform(image_size, train, data.augment)  # validate now, not in a worker
         self.epoch = 0
         self._reset_epoch_position()
         self._base_counters = dict.fromkeys(COUNTER_NAMES, 0)
@@ -294,23 +330,46 @@ class StreamingLoader:
     def _dataset(self) -> _SlotStream:
         # This rank's runs for the epoch, computed once here; each worker receives only those and their URLs.
         urls: list[str] = []
+        offsets: list[int] = []
         local: dict[int, int] = {}
         segments = []
+        starts = np.concatenate([[0], np.cumsum(self.manifest.samples_per_shard)[:-1]])
         for role in range(self.plan.workers):
             run = []
             for shard, skip, take in self.plan.segments(self.data.seed, self.epoch, self.rank, role):
                 if shard not in local:
                     local[shard] = len(urls)
                     urls.append(self.manifest.shards[shard])
+                    offsets.append(int(starts[shard]))
                 run.append((local[shard], skip, take))
             segments.append(run)
         return _SlotStream(
-            shards=urls, segments=segments, batch_size=self.plan.batch_size,
+            shards=urls, offsets=offsets, segments=segments,
+            own=[self.plan.own_samples(self.rank, w) for w in range(self.plan.workers)], batch_size=self.plan.batch_size,
             batches_per_slot=self.plan.batches_per_slot, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
             positions=list(self._positions), batches_done=list(self._worker_batches),
             rotation=self._batches % self.plan.workers, data=self.data, storage=self.storage,
             image_size=self.image_size, in_chans=self.in_chans, train=self.train,
-            label_type=self.manifest.label_type, num_classes=self.num_classes)
+            label_type=self.manifest.label_type, num_classes=self.num_classes,
+            defer_decode=self.batch_decode_device is not None)
+
+    def _decode(self, batch: dict[str, Any]) -> None:
+        """A deferred batch's images decoded on `batch_decode_device` and augmented there with the same seeded
+        draws a worker makes (the same crops as CPU decoding). An image that passed the header check but does not
+        decode is zeros, marked not valid and counted as a bad image."""
+        images = decode_batch(batch.pop("encoded"), self.batch_decode_device, self.in_chans)
+        bad = [i for i, im in enumerate(images) if im is None]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(batch.pop("aug_seed")))
+            out = [None if im is None else self._transform(im) for im in images]
+        if bad:
+            self._base_counters["bad_images"] += len(bad)
+            like = next((o for o in out if o is not None), None)
+            shape = like.shape if like is not None else (self.in_chans, self.image_size, self.image_size)
+            out = [torch.zeros(shape, dtype=torch.uint8, device=self.batch_decode_device) if o is None else o
+                   for o in out]
+            batch["valid"][bad] = False
+        batch["image"] = torch.stack(out)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """One epoch (the rest of it, after a restore): `len(self)` batches in total. When the epoch is done the
@@ -319,7 +378,8 @@ class StreamingLoader:
             self.set_epoch(self.epoch + 1)
         nw = self.data.num_workers
         loader = torch.utils.data.DataLoader(
-            self._dataset(), batch_size=None, num_workers=nw,
+            self._dataset(), batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
+            multiprocessing_context=_WORKER_START if nw > 0 else None,
             prefetch_factor=self.data.prefetch_factor if nw > 0 else None, persistent_workers=False)
         for batch in loader:
             meta = batch.pop("_meta").tolist()
@@ -327,7 +387,8 @@ class StreamingLoader:
             self._positions[role], self._worker_batches[role] = meta[1], meta[2]
             self._epoch_counters[role] = dict(zip(COUNTER_NAMES, meta[_META:]))
             self._batches += 1
-            batch["image"] = normalize(batch["image"], self.data.augment)
+            if "encoded" in batch:
+                self._decode(batch)
             yield batch
         if self._batches >= len(self):
             self.set_epoch(self.epoch + 1)
@@ -340,11 +401,21 @@ class StreamingLoader:
 
 def build_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: StorageConfig | None = None, *,
                  batch_size: int, image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0,
-                 world_size: int = 1, num_classes: int | None = None, drop_last: bool = True) -> StreamingLoader:
-    """Builds this rank's loader. The manifest is read and checked here, before any worker starts."""
+                 world_size: int = 1, num_classes: int | None = None, drop_last: bool = True,
+                 pin_memory: bool = False) -> StreamingLoader:
+    """Builds this rank's loader. The manifest is read and checked here, before any worker starts. `pin_memory`:
+    batches land in page-locked memory (for a CUDA device: the copy to it can then overlap compute).
+    `data.decode_device: cuda` decodes each batch on this process's current GPU (refused without CUDA)."""
     storage = storage or StorageConfig()
+    decode_on = None
+    if data.decode_device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("data.decode_device is 'cuda' but this machine has no CUDA device: set "
+                             "data.decode_device=cpu (decoding in the DataLoader workers)")
+        decode_on = torch.device("cuda", torch.cuda.current_device())
     manifest = manifest_or_url if isinstance(manifest_or_url, Manifest) else load_dataset_spec(manifest_or_url,
                                                                                                 storage)
     return StreamingLoader(manifest, data, storage, batch_size=batch_size, image_size=image_size,
                            in_chans=in_chans, train=train, rank=rank, world_size=world_size,
-                           num_classes=num_classes, drop_last=drop_last)
+                           num_classes=num_classes, drop_last=drop_last, pin_memory=pin_memory,
+                           batch_decode_device=decode_on)

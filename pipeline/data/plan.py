@@ -5,7 +5,8 @@ S = world_size x num_workers slots each take a contiguous run of Q = batches_per
 at floor(s x N / S): disjoint, spread over the whole epoch, and independent of how samples fall into shards — so
 fewer shards than slots simply means several slots read different parts of the same shard. With drop_last the few
 samples that do not fill a batch on every slot are left out (a different few each epoch); without it the runs wrap
-around and pad with repeats. Only this rank's slots are ever computed: O(shards) numpy, no per-sample state.
+around and pad with repeats, and `own_samples` says how much of each run is the slot's own (evaluation masks the
+rest, so every sample counts exactly once). Only this rank's slots are ever computed: O(shards) numpy, no per-sample state.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ class EpochPlan:
         if not (0 <= rank < self.world_size and 0 <= worker < self.workers):
             raise ValueError(f"rank {rank} / worker {worker} outside {self.world_size} ranks x {self.workers} workers")
         return rank * self.workers + worker
+
+    def own_samples(self, rank: int, worker: int) -> int:
+        """How many of the slot's samples (the first ones of its run, in read order) are its own: without
+        drop_last the runs overlap and wrap around, and the rest of each run repeats samples another slot owns.
+        Summed over all slots this is exactly the epoch's sample count; with drop_last, the whole run."""
+        slot = self.slot(rank, worker)
+        if self.drop_last:
+            return self.samples_per_slot
+        n, s = self.num_samples, self.num_slots
+        return (slot + 1) * n // s - slot * n // s
 
     def segments(self, seed: int, epoch: int, rank: int, worker: int) -> list[Segment]:
         """The shard segments slot (rank, worker) reads this epoch, in order."""

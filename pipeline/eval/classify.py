@@ -3,9 +3,13 @@ the top prediction is one of the true labels)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from pipeline.data.config import AugmentConfig
+from pipeline.data.transforms import to_model_input
+from pipeline.eval.plots import confusion_matrix
 
 __all__ = ["evaluate_classifier", "precision_at_1"]
 
@@ -26,23 +30,38 @@ def evaluate_classifier(
     max_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Sums over this process's batches: {"loss_sum", "correct", "count"} (all-reduce them across ranks, then
-    loss = loss_sum / count, prec1 = correct / count). `loss_fn` returns the mean loss of a batch."""
+    augment: AugmentConfig | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Sums over this process's batches, valid samples only (a split's padding repeats are masked):
+    {"loss_sum", "correct", "count"} (all-reduce them across ranks, then loss = loss_sum / count, prec1 =
+    correct / count), with `num_classes` also "confusion" (int64 [K, K], true x predicted), and "images": the
+    first batch's valid images (uint8, for pictures). `loss_fn` returns the mean loss of a batch."""
     was_training = model.training
     model.eval()
     loss_sum = correct = count = 0.0
+    confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.int64)
+    images = None
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = batch["image"].to(device=device, dtype=dtype)
-            y = batch["label"].to(device)
-            logits = model(x).float()
-            n = len(x)
+            valid = batch["valid"]
+            logits = model(to_model_input(batch["image"], device, dtype, augment)).float()[valid.to(device)]
+            y = batch["label"][valid].to(device)
+            n = int(valid.sum())
+            if images is None:
+                images = batch["image"][valid]
+            if n == 0:
+                continue
             loss_sum += float(loss_fn(logits, y)) * n
             correct += float(precision_at_1(logits, y))
             count += n
+            if num_classes and y.ndim == 1:
+                confusion += confusion_matrix(y.cpu(), logits.argmax(1).cpu(), num_classes)
     finally:
         model.train(was_training)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+    out: dict[str, Any] = {"loss_sum": loss_sum, "correct": correct, "count": count, "images": images}
+    if num_classes:
+        out["confusion"] = confusion
+    return out

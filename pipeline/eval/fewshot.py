@@ -8,6 +8,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from pipeline.data.config import AugmentConfig
+from pipeline.data.transforms import to_model_input
+
 __all__ = ["fewshot_accuracy", "sample_k_per_class", "ridge_classifier", "extract_features"]
 
 
@@ -71,19 +74,26 @@ def fewshot_accuracy(
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, batches: Iterable[dict], dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.forward_features` over every batch ({"image", "label"}), in eval mode; returns (feats, labels)."""
+                     device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
+                     max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`model.forward_features` over the batches ({"image", "label", "valid", "index"}) in eval mode; returns the
+    valid samples' (features float32 [N, D], labels [N], manifest index [N]), on the CPU. Every batch is run, the
+    padding ones too (under ZeRO-3 the forward pass is collective: every rank runs as many)."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats, labels, index = [], [], []
     try:
-        for batch in batches:
-            x = batch["image"].to(device=device, dtype=dtype)
-            feats.append(model.forward_features(x).float().cpu())
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            valid = batch["valid"]
+            f = model.forward_features(to_model_input(batch["image"], device, dtype, augment)).float().cpu()
             label = batch["label"]
-            labels.append(label.argmax(1) if label.ndim == 2 else label)
+            feats.append(f[valid])
+            labels.append((label.argmax(1) if label.ndim == 2 else label)[valid])
+            index.append(batch["index"][valid])
     finally:
         model.train(was_training)
     if not feats:
         raise ValueError("few-shot: the feature set is empty")
-    return torch.cat(feats), torch.cat(labels).long()
+    return torch.cat(feats), torch.cat(labels).long(), torch.cat(index)

@@ -53,8 +53,8 @@ SHARED_STORAGE_HINT = ("set scaling.storage_path to object storage every node re
 
 
 def check_storage(cfg: "RunConfig") -> None:
-    """Static checks of scaling.storage_path (no I/O): not a recipe's placeholder; not a node-local directory for
-    a GPU run unless declared shared."""
+    """Static checks of where the run goes (no I/O): scaling.storage_path is not a recipe's placeholder, nor a
+    node-local directory for a GPU run unless declared shared; GPU decoding only on GPU workers."""
     from pipeline.config import ConfigError
 
     sc = cfg.scaling
@@ -64,3 +64,6 @@ def check_storage(cfg: "RunConfig") -> None:
     if sc.use_gpu and is_node_local(sc.storage_path) and not sc.shared_filesystem:
         raise ConfigError(f"scaling.storage_path {sc.storage_path!r} is a directory on one machine, but "
                           f"scaling.use_gpu runs workers on GPU nodes that do not share it: {SHARED_STORAGE_HINT}")
+    if cfg.data.decode_device == "cuda" and not sc.use_gpu:
+        raise ConfigError("data.decode_device is 'cuda' but scaling.use_gpu is false: the workers have no GPU to "
+                          "decode on (set scaling.use_gpu=true, or data.decode_device=cpu)")

@@ -27,8 +27,8 @@ from pipeline.launch.trainer import FitResult, finish_fit
 from pipeline.launch.trainer import run_url as default_run_url
 from pipeline.train.checkpoint import checkpoint_dir_name, fetch_checkpoint, find_latest_complete
 from pipeline.train.hooks import TrainHooks
-from pipeline.train.loop import run_training
-from pipeline.train.spec import InitSpec, WorkerSpec
+from pipeline.train.loop import run_evaluation, run_training
+from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
 
 __all__ = ["storage_report", "restore_from_storage", "run_rank", "init_process_group", "fit_local"]
 
@@ -69,7 +69,10 @@ def restore_from_storage(spec: WorkerSpec) -> Iterator[str | None]:
 
 def run_rank(spec: WorkerSpec, rank: int, world_size: int) -> dict[str, Any]:
     """One rank of a run, inside an initialised process group: continues the newest committed checkpoint, trains,
-    reports checkpoints into storage. Returns the loop's last metrics (with "step" and "stopped")."""
+    reports checkpoints into storage. Returns the loop's last metrics (with "step" and "stopped"). An
+    evaluation-only spec (`evaluate_only`) evaluates instead."""
+    if spec.evaluate_only:
+        return run_evaluation(spec, rank=rank, world_size=world_size, report=lambda *_: None)
     with training_active(), restore_from_storage(spec) as restore_dir:
         return run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir,
                             report=storage_report(spec), should_stop=termination_requested)
@@ -112,23 +115,25 @@ def _spawned_rank(rank: int, spec: WorkerSpec, world_size: int, port: int, out_d
 
 
 def fit_local(cfg: RunConfig, *, world_size: int = 1, run: RunRef | None = None, init: InitSpec | None = None,
-              hooks: TrainHooks | None = None, run_url: str | None = None) -> FitResult:
-    """`fit` without Ray: `world_size` ranks on this machine (1 = in this process; more = spawned processes, one
-    GPU each with scaling.use_gpu), then the final export to `<run_url>/final`. Returns a FitResult."""
+              hooks: TrainHooks | None = None, final_eval: FinalEval | None = None,
+              run_url: str | None = None) -> FitResult:
+    """`fit` without Ray: `world_size` ranks on this machine (1 = in this process, whose process group is made on
+    first use and kept; more = spawned processes, one GPU each with scaling.use_gpu), then the final export to
+    `<run_url>/final`. Returns a FitResult."""
     import json
 
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     url = run_url or default_run_url(cfg)
-    spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks())
+    spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks(),
+                      final_eval=final_eval)
     port = free_port()
     if world_size == 1:
-        init_process_group(0, 1, port, use_gpu=cfg.scaling.use_gpu)
-        try:
-            metrics = run_rank(spec, 0, 1)
-        finally:
-            dist.destroy_process_group()
+        # this process's group of one, made once and kept: DeepSpeed holds on to it between runs
+        if not dist.is_initialized():
+            init_process_group(0, 1, port, use_gpu=cfg.scaling.use_gpu)
+        metrics = run_rank(spec, 0, 1)
     else:
         with tempfile.TemporaryDirectory(prefix="vitpipe-local-") as out:
             mp.start_processes(_spawned_rank, args=(spec, world_size, port, out), nprocs=world_size,

@@ -10,6 +10,7 @@ Everything a worker needs crosses to it inside its `WorkerSpec` (pickled by Ray)
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -20,15 +21,15 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.data.config import StorageConfig
 from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, is_node_local
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
-from pipeline.launch.worker import train_worker
+from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
 from pipeline.tracking.run import RunRef
 from pipeline.train.checkpoint import latest_state
 from pipeline.train.hooks import TrainHooks
-from pipeline.train.spec import InitSpec, WorkerSpec
+from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
 __all__ = [
     "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_exists", "ray_storage", "preflight",
-    "check_cluster", "worker_env", "build_trainer", "fit", "finish_fit",
+    "check_cluster", "worker_env", "build_trainer", "fit", "finish_fit", "evaluate",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,15 +207,17 @@ def _export_final(cfg: RunConfig, checkpoint: str, url: str) -> str:
 
 
 def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = None, hooks: TrainHooks | None = None,
-        address: str | None = None) -> FitResult:
+        final_eval: FinalEval | None = None, address: str | None = None) -> FitResult:
     """Trains `cfg` on the Ray cluster (`address` / scaling.address / $RAY_ADDRESS, else a local Ray) and
-    exports the final model. Rank 0 logs metrics to `run`. A run folder that holds committed checkpoints is
-    continued from the newest one. A SIGTERM to this process or to a worker ends training early after a
-    committed checkpoint (`FitResult.stopped`); nothing is exported then."""
+    exports the final model. Rank 0 logs metrics to `run`; with `final_eval` the workers evaluate data.val once
+    training ends (its metrics are in the result). A run folder that holds committed checkpoints is continued from
+    the newest one. A SIGTERM to this process or to a worker ends training early after a committed checkpoint
+    (`FitResult.stopped`); nothing is exported then."""
     connect_ray(address or cfg.scaling.address)
     check_cluster(cfg)
     url = run_url(cfg)
-    spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks())
+    spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks(),
+                      final_eval=final_eval)
     stop = StopSignal.create(url, cfg.storage)
     trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
     with on_sigterm(stop):
@@ -237,3 +240,22 @@ def finish_fit(cfg: RunConfig, url: str, metrics: dict[str, Any], stop_reason: s
                            f"checkpoint (aborted?)")
     out.final_checkpoint = _export_final(cfg, out.checkpoint, url)
     return out
+
+
+def evaluate(cfg: RunConfig, *, init: InitSpec, final_eval: FinalEval | None = None,
+             fewshot: FewshotEval | None = None, run: RunRef | None = None, address: str | None = None
+             ) -> dict[str, float]:
+    """An evaluation-only job on the Ray cluster: the workers load `init` and evaluate it on their devices, each
+    rank on its share of the splits (`final_eval`: top-1 etc. on data.val; `fewshot`: the closed-form few-shot
+    accuracies); rank 0 logs to `run`. Returns rank 0's metrics. No checkpoints are written."""
+    connect_ray(address or cfg.scaling.address)
+    check_cluster(cfg)
+    spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(), init=init, final_eval=final_eval,
+                      fewshot_eval=fewshot, evaluate_only=True)
+    build_trainer(cfg, functools.partial(eval_worker, spec)).fit()
+    from pipeline.data.storage import get_filesystem
+
+    fs, path = get_filesystem(f"{spec.run_url}/{EVALUATION_FILE}", cfg.storage)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    metrics = json.loads(fs.cat_file(path))
+    return {k: v for k, v in metrics.items() if k.startswith(("final/", "fewshot/"))}

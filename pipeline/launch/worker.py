@@ -10,10 +10,10 @@ import os
 from typing import Iterator
 
 from pipeline.launch.stop import StopSignal, termination_requested, training_active
-from pipeline.train.loop import run_training
+from pipeline.train.loop import run_evaluation, run_training
 from pipeline.train.spec import WorkerSpec
 
-__all__ = ["train_worker", "restore_point"]
+__all__ = ["train_worker", "eval_worker", "restore_point", "EVALUATION_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +82,28 @@ def train_worker(spec: WorkerSpec, stop: StopSignal | None = None) -> None:
     with training_active(), restore_point(spec) as restore_dir:
         run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=_report,
                      should_stop=should_stop)
+
+
+EVALUATION_FILE = "evaluation.json"
+
+
+def eval_worker(spec: WorkerSpec) -> None:
+    """TorchTrainer's train_loop_per_worker of an evaluation-only job (spec.evaluate_only): no training, no
+    checkpoints. Rank 0 writes the metrics to `<run_url>/evaluation.json` for the driver (Ray Train returns only
+    checkpointed reports' metrics)."""
+    import json
+
+    import ray.train
+
+    from pipeline.data.storage import get_filesystem
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+
+    def report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+        if rank == 0:
+            fs, path = get_filesystem(f"{spec.run_url.rstrip('/')}/{EVALUATION_FILE}", spec.config.storage)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(path, json.dumps(metrics).encode())
+
+    run_evaluation(spec, rank=rank, world_size=ctx.get_world_size(), report=report)

@@ -3,7 +3,8 @@ and ZeRO-checkpoint consolidation. This is the only module that imports deepspee
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ __all__ = [
     "compute_dtype",
     "consolidate_fp32",
     "to_universal",
+    "full_parameters",
 ]
 
 # DeepSpeed prints its timers every `steps_per_print` steps; we log our own metrics instead.
@@ -114,6 +116,20 @@ def build_engine(model: "nn.Module", train: TrainConfig, world_size: int, params
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
     )
     return engine
+
+
+@contextlib.contextmanager
+def full_parameters(module: "nn.Module") -> Iterator[dict[str, torch.Tensor]]:
+    """Inside: {name: full parameter} of `module` on every rank. ZeRO-3 partitions parameters (each rank holds a
+    slice); they are gathered for the block (every rank must enter it). Read-only: no forward pass inside."""
+    params = dict(module.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        yield params
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        yield params
 
 
 def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:

@@ -1,17 +1,31 @@
-"""The evaluations the training loop runs at its evaluation steps: validation loss and top-1 over `data.val`,
-few-shot linear evaluation on `data.fewshot_train/test`, and the hooks' own. Every rank calls `Evaluator.run` at
-the same steps (the forward passes may be collective: ZeRO-3); rank 0's metrics are the ones logged."""
+"""The evaluations the workers run, on their device in the training precision, each rank on its disjoint share of
+a split (the loader pads the split to equal batch counts and masks the padding, so every sample counts exactly
+once): validation loss and top-1 over `data.val`, few-shot linear evaluation on `data.fewshot_train/test`, the
+hooks' own, and a transfer job's final evaluation (top-1 over the whole split, the confusion matrix, pictures).
+
+Every rank calls the same methods at the same steps (under ZeRO-3 the forward pass is collective); sums are
+all-reduced and features gathered, the closed-form few-shot solve runs once, and only rank 0's metrics and
+artifacts reach the run (through its sink). The job's driver never runs the model over a dataset.
+"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.eval.gather import distributed, gather_rows
+from pipeline.tracking.sinks import MetricsSink, NullSink
 from pipeline.train.hooks import EvalContext, TrainHooks, all_reduce_sum
+from pipeline.train.spec import FewshotEval, FinalEval
 
-__all__ = ["Evaluator", "fewshot_name"]
+__all__ = ["Evaluator", "fewshot_name", "MAX_CONFUSION_CLASSES"]
+
+MAX_CONFUSION_CLASSES = 1000  # above this a confusion matrix is neither readable nor cheap to all-reduce
 
 
 def fewshot_name(cfg: RunConfig, manifest_name: str = "") -> str:
@@ -28,12 +42,14 @@ def fewshot_name(cfg: RunConfig, manifest_name: str = "") -> str:
 
 class Evaluator:
     def __init__(self, cfg: RunConfig, hooks: TrainHooks, *, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 dtype: torch.dtype, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 sink: MetricsSink | None = None, final: FinalEval | None = None):
         self.cfg, self.hooks, self.rank, self.world_size = cfg, hooks, rank, world_size
         self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
-        self.loader_kw = dict(image_size=cfg.model.image_size, in_chans=cfg.model.in_chans,
-                              num_classes=cfg.model.num_classes)
+        self.sink, self.final_spec = sink or NullSink(), final
+        self._workdir: str | None = None
 
+    # -- what the loop calls ------------------------------------------------------------------------------------
     def _due(self, step: int, every: int) -> bool:
         return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
@@ -41,44 +57,141 @@ class Evaluator:
         cfg, tr = self.cfg, self.cfg.train
         out: dict[str, float] = {}
         if cfg.data.val and self._due(step, tr.eval_every):
-            out.update(self._validate(model))
+            out.update(self.validate(model))
         if cfg.data.fewshot_train and self._due(step, tr.fewshot_every):
-            out.update(self._fewshot(model))
+            out.update(self.fewshot(model, cfg.data.fewshot_train, cfg.data.fewshot_test or cfg.data.fewshot_train))
         if self._due(step, tr.eval_every):
             ctx = EvalContext(model, step, self.rank, self.world_size, cfg, self.device, self.dtype)
             out.update({k: float(v) for k, v in self.hooks.evaluate(ctx).items()})
+        if self.final_spec is not None and step == tr.steps:
+            out.update(self.final(model, step))
         return out
 
-    def _validate(self, model: torch.nn.Module) -> dict[str, float]:
+    def close(self) -> None:
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def _loader(self, url: str):
         from pipeline.data.loader import build_loader
+
+        cfg = self.cfg
+        return build_loader(url, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
+                            rank=self.rank, world_size=self.world_size, drop_last=False,
+                            pin_memory=self.device.type == "cuda", image_size=cfg.model.image_size,
+                            in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes)
+
+    def _autocast(self):
+        # inputs are cast to the engine's dtype; autocast keeps ops like the softmax / layer norms in bf16-safe form
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _classify(self, model: torch.nn.Module, url: str, max_batches: int | None,
+                  num_classes: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
         from pipeline.eval.classify import evaluate_classifier
 
-        cfg = self.cfg
-        loader = build_loader(cfg.data.val, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
-                              rank=self.rank, world_size=self.world_size, **self.loader_kw)
-        sums = evaluate_classifier(model, loader, self.loss_fn, cfg.train.eval_batches, self.dtype, self.device)
+        with self._autocast():
+            sums = evaluate_classifier(model, self._loader(url), self.loss_fn, max_batches, self.dtype, self.device,
+                                       self.cfg.data.augment, num_classes)
         loss_sum, correct, count = all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], self.device)
-        if count == 0:
+        if "confusion" in sums and distributed():
+            import torch.distributed as dist
+
+            cm = sums["confusion"].to(self.device)
+            dist.all_reduce(cm)
+            sums["confusion"] = cm.cpu()
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}, sums
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        totals, _ = self._classify(model, self.cfg.data.val, self.cfg.train.eval_batches)
+        if totals["count"] == 0:
             return {}
-        return {"val/loss": loss_sum / count, "val/prec1": correct / count}
+        return {"val/loss": totals["loss_sum"] / totals["count"], "val/prec1": totals["correct"] / totals["count"]}
 
-    def _fewshot(self, model: torch.nn.Module) -> dict[str, float]:
-        """Every rank extracts the features (under ZeRO-3 the forward pass is collective); rank 0 solves."""
-        from pipeline.data.loader import build_loader
-        from pipeline.eval.fewshot import extract_features, fewshot_accuracy
+    def features(self, model: torch.nn.Module, url: str,
+                 max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(features, labels, the manifest's name) of the split's valid samples, every rank's share gathered and
+        put in manifest order (the same arrays whatever the world size)."""
+        from pipeline.eval.fewshot import extract_features
 
-        cfg = self.cfg
-        feats: dict[str, Any] = {}
-        manifest_name = ""
-        for split, url in (("train", cfg.data.fewshot_train), ("test", cfg.data.fewshot_test or cfg.data.fewshot_train)):
-            loader = build_loader(url, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
-                                  rank=0, world_size=1, drop_last=False, **self.loader_kw)
-            feats[split] = extract_features(model, loader, self.dtype, self.device)
-            if split == "train":
-                manifest_name = getattr(getattr(loader, "manifest", None), "name", "") or ""
+        loader = self._loader(url)
+        with self._autocast():
+            feats, labels, index = extract_features(model, loader, self.dtype, self.device, self.cfg.data.augment,
+                                                    max_batches)
+        feats, labels, index = (gather_rows(t, self.device) for t in (feats, labels, index))
+        order = torch.argsort(index)
+        return feats[order], labels[order], getattr(loader.manifest, "name", "") or ""
+
+    def fewshot(self, model: torch.nn.Module, pool: str, test: str, *, pool_batches: int | None = None,
+                test_batches: int | None = None, prefix: str | None = None) -> dict[str, float]:
+        """Few-shot accuracies (rank 0; {} elsewhere): each rank embeds its share of both sets, rank 0 solves."""
+        from pipeline.eval.fewshot import fewshot_accuracy
+
+        tr_x, tr_y, name = self.features(model, pool, pool_batches)
+        te_x, te_y, _ = self.features(model, test, test_batches)
         if self.rank != 0:
             return {}
-        acc = fewshot_accuracy(*feats["train"], *feats["test"], cfg.train.fewshot_shots, cfg.train.fewshot_l2,
-                               cfg.train.seed)
-        name = fewshot_name(cfg, manifest_name)
-        return {f"fewshot/{name}_{k}shot": v for k, v in acc.items()}
+        tr = self.cfg.train
+        acc = fewshot_accuracy(tr_x, tr_y, te_x, te_y, tr.fewshot_shots, tr.fewshot_l2, tr.seed)
+        prefix = prefix if prefix is not None else f"fewshot/{fewshot_name(self.cfg, name)}_"
+        return {f"{prefix}{k}shot": v for k, v in acc.items()}
+
+    def fewshot_only(self, model: torch.nn.Module, spec: FewshotEval) -> dict[str, float]:
+        """An evaluation-only job's few-shot metrics (fewshot/<k>shot)."""
+        bs, world = self.cfg.train.micro_batch, self.world_size
+        pool_batches = None if spec.pool_samples is None else -(-spec.pool_samples // (bs * world))
+        return self.fewshot(model, spec.pool, spec.test, pool_batches=pool_batches, test_batches=spec.test_batches,
+                            prefix="fewshot/")
+
+    def final(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """The final evaluation of `final_spec` on data.val: metrics final/*; rank 0 logs the confusion matrix and
+        the pictures through the sink."""
+        spec, k = self.final_spec, self.cfg.model.num_classes
+        num_classes = k if k <= MAX_CONFUSION_CLASSES else None
+        totals, sums = self._classify(model, self.cfg.data.val, spec.max_batches, num_classes)
+        if totals["count"] == 0:
+            raise ValueError(f"final evaluation: data.val ({self.cfg.data.val}) yielded no samples")
+        metrics = {"final/top1": totals["correct"] / totals["count"], "final/loss": totals["loss_sum"] / totals["count"],
+                   "final/eval_images": totals["count"]}
+        cm = sums.get("confusion")
+        if self.rank == 0 and cm is not None:
+            self.sink.log_dict({"matrix": cm.tolist()}, "eval/confusion_matrix.json")
+        if spec.plots:
+            images = sums["images"][: spec.plot_images] if sums["images"] is not None else None
+            self.pictures(model, images, cm, step)
+        return metrics
+
+    def pictures(self, model: torch.nn.Module, images: torch.Tensor | None, confusion: torch.Tensor | None,
+                 step: int) -> list[Path]:
+        """Attention rollout on `images` (uint8), the position-embedding similarity and the confusion matrix, drawn
+        by rank 0 from a plain copy of the model (ZeRO-3's partitions gathered first: every rank calls this) and
+        logged under plots/."""
+        from pipeline.data.transforms import to_model_input
+        from pipeline.eval.plots import plot_attention_rollout, plot_confusion_matrix, plot_pos_embed_similarity
+        from pipeline.model import build_model
+        from pipeline.train.engine import full_parameters
+
+        with full_parameters(model) as params:
+            state = {n: p.detach().float().cpu().clone() for n, p in params.items()} if self.rank == 0 else None
+        if self.rank != 0:
+            return []
+        plain = build_model(self.cfg.model)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if unexpected or any(n in dict(plain.named_parameters()) for n in missing):
+            raise ValueError(f"pictures: parameters do not match the model ({missing[:3]}, {unexpected[:3]})")
+        plain.to(self.device).eval()
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="vitpipe-plots-")
+        out_dir = Path(self._workdir) / f"step{step}"
+        out = []
+        if images is not None and len(images):
+            x = to_model_input(images, self.device, torch.float32, self.cfg.data.augment)
+            out.append(plot_attention_rollout(plain, x, out_dir / "attention_rollout.png"))
+        out.append(plot_pos_embed_similarity(plain.pos_embed, out_dir / "pos_embed_similarity.png",
+                                             plain.num_prefix_tokens))
+        if confusion is not None:
+            names = self.final_spec.class_names if self.final_spec else None
+            out.append(plot_confusion_matrix(confusion, out_dir / "confusion_matrix.png", names))
+        for png in out:
+            self.sink.log_artifact(png, "plots")
+        return out

@@ -27,7 +27,7 @@ from pipeline.config import RunConfig
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
 from pipeline.train.spec import InitSpec, WorkerSpec
 
-__all__ = ["run_training", "compute_loss", "build_model_for"]
+__all__ = ["run_training", "run_evaluation", "compute_loss", "build_model_for"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     `report(metrics, checkpoint_dir_or_None, step)` is called by every rank at the same steps. Returns the last
     step's metrics with "step" and "stopped"."""
     from pipeline.data.loader import build_loader
+    from pipeline.data.transforms import to_model_input
     from pipeline.model.flops import forward_flops
     from pipeline.tracking.sinks import build_sink
     from pipeline.train import checkpoint as ckpt
@@ -151,7 +152,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
 
     train_loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=tr.micro_batch, train=True,
                                 rank=rank, world_size=world_size, image_size=cfg.model.image_size,
-                                in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes)
+                                in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes,
+                                pin_memory=device.type == "cuda")
     if state.get("loader") is not None:
         train_loader.load_state_dict(state["loader"])
     batches: Iterator[dict] = train_loader.infinite()
@@ -160,7 +162,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     flops_per_image = 3 * forward_flops(cfg.model)
     peak = peak_tflops(tr.precision, tr.peak_tflops)
     loss_fn = lambda logits, y: compute_loss(tr.loss, logits, y)  # noqa: E731
-    evaluator = Evaluator(cfg, hooks, rank=rank, world_size=world_size, device=device, dtype=dtype, loss_fn=loss_fn)
+    evaluator = Evaluator(cfg, hooks, rank=rank, world_size=world_size, device=device, dtype=dtype, loss_fn=loss_fn,
+                          sink=sink, final=spec.final_eval)
     last: dict[str, Any] = {"step": start_step, "stopped": False}
 
     def save(step: int, metrics: dict, stopped: bool) -> None:
@@ -189,7 +192,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 window_wait += time.perf_counter() - t
                 hooks.after_batch(info, step, batch["key"])
                 step_keys.extend(batch["key"])
-                x = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
+                x = to_model_input(batch["image"], device, dtype, cfg.data.augment)
                 y = batch["label"].to(device=device, non_blocking=True)
                 loss = loss_fn(engine(x), y)
                 engine.backward(loss)
@@ -244,7 +247,39 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 break
     finally:
         sink.close()
+        evaluator.close()
         close = getattr(train_loader, "close", None)
         if close:
             close()
     return last
+
+
+def run_evaluation(spec: WorkerSpec, *, rank: int, world_size: int, report: Report) -> dict[str, Any]:
+    """An evaluation-only job on this rank (`spec.evaluate_only`): the weights of `spec.init` on this worker's
+    device in the run's precision, each rank on its share of the splits: `spec.final_eval` on data.val (final/*)
+    and `spec.fewshot_eval` (fewshot/<k>shot). Rank 0 logs the metrics to the run; every rank reports them (rank
+    0's are the job's). Returns them."""
+    from pipeline.tracking.sinks import build_sink
+    from pipeline.train.engine import compute_dtype
+    from pipeline.train.evaluate import Evaluator
+
+    cfg = spec.config
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
+    dtype = compute_dtype(cfg.train.precision)
+    model = build_model_for(cfg, spec.init).to(device=device, dtype=dtype)
+    sink = build_sink(spec.run, rank)
+    evaluator = Evaluator(cfg, spec.hooks, rank=rank, world_size=world_size, device=device, dtype=dtype,
+                          loss_fn=lambda logits, y: compute_loss(cfg.train.loss, logits, y), sink=sink,
+                          final=spec.final_eval)
+    metrics: dict[str, float] = {}
+    try:
+        if spec.final_eval is not None:
+            metrics.update(evaluator.final(model, 0))
+        if spec.fewshot_eval is not None:
+            metrics.update(evaluator.fewshot_only(model, spec.fewshot_eval))
+        sink.log_metrics(metrics, 0)
+    finally:
+        sink.close()
+        evaluator.close()
+    report({**metrics, "step": 0, "stopped": 0.0}, None, 0)
+    return metrics

@@ -3,13 +3,13 @@ URLs flow down in it; the worker's results come back as its return value and Ray
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import RunConfig
 from pipeline.tracking.run import RunRef
 from pipeline.train.hooks import TrainHooks
 
-__all__ = ["InitSpec", "WorkerSpec"]
+__all__ = ["InitSpec", "FinalEval", "FewshotEval", "WorkerSpec"]
 
 
 class InitSpec(BaseModel):
@@ -23,6 +23,31 @@ class InitSpec(BaseModel):
     freeze_backbone: bool = Field(False, description="train only head.* (linear probe)")
 
 
+class FinalEval(BaseModel):
+    """The evaluation the workers run on `data.val` once training ends (transfer jobs): top-1 over the whole split
+    (or `max_batches` per rank), every rank on its share; the confusion matrix; the pictures. Logged once, by rank 0,
+    through the run's sink (metrics final/*, artifacts eval/ and plots/)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batches: int | None = Field(None, gt=0, description="batches per rank; null = the whole split")
+    plots: bool = True
+    plot_images: int = Field(4, ge=1, le=16)
+    class_names: list[str] | None = None
+
+
+class FewshotEval(BaseModel):
+    """An evaluation-only job (transfer's fewshot mode): the frozen features of `pool` (k shots per class drawn from
+    it) and `test`, each rank on its share, solved once in closed form. Metrics fewshot/<k>shot."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool: str = Field(..., description="manifest URL the shots are drawn from")
+    test: str = Field(..., description="manifest URL of the held-out images")
+    pool_samples: int | None = Field(None, gt=0, description="images read from the pool; null = all of it")
+    test_batches: int | None = Field(None, gt=0, description="batches of the test set per rank; null = all")
+
+
 class WorkerSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
@@ -31,3 +56,14 @@ class WorkerSpec(BaseModel):
     run: RunRef = Field(default_factory=RunRef, description="the tracked run rank 0 logs metrics to")
     init: InitSpec | None = None
     hooks: TrainHooks = Field(default_factory=TrainHooks)
+    final_eval: FinalEval | None = Field(None, description="evaluate data.val once training ends")
+    fewshot_eval: FewshotEval | None = Field(None, description="few-shot evaluation (evaluation-only jobs)")
+    evaluate_only: bool = Field(False, description="no training: evaluate `init` with final_eval / fewshot_eval")
+
+    @model_validator(mode="after")
+    def _evaluation_only_needs_weights(self) -> "WorkerSpec":
+        if self.evaluate_only and (self.init is None or not (self.final_eval or self.fewshot_eval)):
+            raise ValueError("an evaluation-only spec needs init (the weights) and final_eval or fewshot_eval")
+        if self.fewshot_eval is not None and not self.evaluate_only:
+            raise ValueError("fewshot_eval runs in evaluation-only specs (evaluate_only=True)")
+        return self

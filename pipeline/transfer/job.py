@@ -2,13 +2,14 @@
 everything before any worker starts, then
 
     with TrackedRun.open(cfg.tracking, cfg.name) as run:
-        fit(training_config(cfg, model), run=run.ref, init=...)   # or the closed-form few-shot evaluation
-        evaluate, draw the figures, run.register(...)
+        fit(training_config(cfg, model), run=run.ref, init=..., final_eval=...)   # the workers evaluate at the end
+        run.register(...)                       # (fewshot mode: evaluate(...), the workers' closed-form few-shot)
 
 Adapting the source to the task happens once, on the driver (pipeline.model.weights.adapt_state_dict: the
 pretraining head and pre-logits dropped, a zero-initialised head for the downstream classes, the position
 embeddings resampled to the new grid). The adapted weights travel to the workers through storage, under the run's
-own folder (`<run_url>/init`, removed when training ends), never as a path on the driver's disk.
+own folder (`<run_url>/init`, removed when training ends), never as a path on the driver's disk. The driver never
+runs the model over a dataset: evaluation, its confusion matrix and the pictures come from the workers.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.model.config import ModelConfig
+from pipeline.train.spec import FewshotEval, FinalEval, InitSpec
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
 
 __all__ = ["PreparedTransfer", "TransferResult", "finetune_model_config", "prepare_transfer", "training_config",
-           "run_transfer"]
+           "final_eval_spec", "run_transfer"]
 
 log = logging.getLogger(__name__)
 
@@ -132,76 +134,6 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     return PreparedTransfer(cfg, version, src_model, model, init_dir, train_manifest, val_manifest, workdir)
 
 
-def _loader(prep: PreparedTransfer, which: str, batch_size: int):
-    from pipeline.data.loader import build_loader
-
-    cfg = prep.cfg
-    manifest = prep.train_manifest if which == "train" else prep.val_manifest
-    return build_loader(
-        manifest, cfg.data, cfg.storage, batch_size=batch_size, image_size=prep.model.image_size,
-        in_chans=prep.model.in_chans, train=False, rank=0, world_size=1, num_classes=prep.model.num_classes,
-        drop_last=False,
-    )
-
-
-def _take(batches, limit: int | None):
-    for i, batch in enumerate(batches):
-        if limit is not None and i >= limit:
-            return
-        yield batch
-
-
-def _fewshot(prep: PreparedTransfer, model) -> dict[str, float]:
-    """Closed-form few-shot linear evaluation of the frozen (resampled) source features: k shots per class drawn
-    from data.train, accuracy on data.val."""
-    from pipeline.eval.fewshot import extract_features, fewshot_accuracy
-
-    cfg = prep.cfg
-    bs = cfg.train.micro_batch
-    limit = None if cfg.transfer.fewshot_train_samples is None else -(-cfg.transfer.fewshot_train_samples // bs)
-    tr_x, tr_y = extract_features(model, _take(_loader(prep, "train", bs), limit))
-    te_x, te_y = extract_features(model, _take(_loader(prep, "val", bs), cfg.transfer.final_eval_batches))
-    accs = fewshot_accuracy(tr_x, tr_y, te_x, te_y, cfg.train.fewshot_shots, cfg.train.fewshot_l2, cfg.train.seed)
-    return {f"fewshot/{k}shot": acc for k, acc in accs.items()}
-
-
-def _final_eval(prep: PreparedTransfer, model) -> tuple[dict[str, float], Any, Any]:
-    """Top-1 on data.val (final_eval_batches or the whole split); returns metrics, confusion matrix, images."""
-    import torch
-
-    from pipeline.eval.plots import confusion_matrix
-
-    model.eval()
-    labels, preds, shown = [], [], None
-    with torch.no_grad():
-        for batch in _take(_loader(prep, "val", prep.cfg.train.micro_batch), prep.cfg.transfer.final_eval_batches):
-            x = batch["image"].float()
-            preds.append(model(x).argmax(1))
-            labels.append(batch["label"].long())
-            if shown is None:
-                shown = x[: prep.cfg.transfer.plot_images].clone()
-    if not labels:
-        raise ValueError(f"final evaluation: data.val ({prep.cfg.data.val}) yielded no batches")
-    y, p = torch.cat(labels), torch.cat(preds)
-    cm = confusion_matrix(y, p, prep.model.num_classes)
-    metrics = {"final/top1": float((y == p).double().mean()), "final/eval_images": float(len(y))}
-    return metrics, cm, shown
-
-
-def _plots(prep: PreparedTransfer, model, images, cm, outdir: Path) -> list[Path]:
-    from pipeline.eval.plots import plot_attention_rollout, plot_confusion_matrix, plot_pos_embed_similarity
-
-    out = []
-    if images is None:
-        images = next(iter(_loader(prep, "val", prep.cfg.transfer.plot_images)))["image"][: prep.cfg.transfer.plot_images]
-    out.append(plot_attention_rollout(model, images.float(), outdir / "attention_rollout.png"))
-    out.append(plot_pos_embed_similarity(model.pos_embed, outdir / "pos_embed_similarity.png", model.num_prefix_tokens))
-    if cm is not None:
-        names = getattr(prep.val_manifest, "class_names", None)
-        out.append(plot_confusion_matrix(cm, outdir / "confusion_matrix.png", names))
-    return out
-
-
 def training_config(cfg: TransferRunConfig, model: ModelConfig, *, name: str | None = None) -> RunConfig:
     """The RunConfig the training workers run for a transfer job (and for the demo's from-scratch baseline): the
     fine-tuning `model` with the job's data, train, scaling, storage and tracking sections. No few-shot sets and
@@ -227,16 +159,23 @@ def _params(prep: PreparedTransfer) -> dict[str, Any]:
     return {**tree, "resolved": {"model": prep.model.model_dump(mode="json")}}
 
 
+def final_eval_spec(cfg: TransferRunConfig, class_names: list[str] | None) -> FinalEval:
+    """What the workers evaluate once a fine-tune ends: `transfer.final_eval_batches` over all ranks together."""
+    batches = cfg.transfer.final_eval_batches
+    per_rank = None if batches is None else -(-batches // cfg.scaling.num_workers)
+    return FinalEval(max_batches=per_rank, plots=cfg.transfer.plots, plot_images=cfg.transfer.plot_images,
+                     class_names=class_names)
+
+
 def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: str | Path | None = None,
                  address: str | None = None) -> TransferResult:
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
-    tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED)."""
-    from pipeline.launch.trainer import check_cluster, connect_ray, fit, preflight, run_exists, run_url
-    from pipeline.model.checkpoint import load_model
+    tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
+    evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
+    from pipeline.launch.trainer import check_cluster, connect_ray, evaluate, fit, preflight, run_exists, run_url
     from pipeline.tracking.registry import lineage_tags
     from pipeline.tracking.run import RunStopped, TrackedRun
     from pipeline.train.checkpoint import fetch_checkpoint, remove_dir, upload_dir
-    from pipeline.train.spec import InitSpec
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)
@@ -244,42 +183,41 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
         prep = prepare_transfer(cfg, source=source, workdir=workdir)
         train_cfg = training_config(cfg, prep.model)
         finetune = cfg.transfer.mode != "fewshot"
-        if finetune:
-            preflight(train_cfg)
-            connect_ray(address or cfg.scaling.address)
-            check_cluster(train_cfg)
-            if run_exists(run_url(train_cfg), cfg.storage):
-                raise ConfigError(f"run {cfg.name!r} already exists at {run_url(train_cfg)}; choose another name "
-                                  "(--set name=...)")
+        preflight(train_cfg)
+        connect_ray(address or cfg.scaling.address)
+        check_cluster(train_cfg)
+        url = run_url(train_cfg)
+        if run_exists(url, cfg.storage):
+            raise ConfigError(f"run {cfg.name!r} already exists at {url}; choose another name (--set name=...)")
         final_dir, registered, artifacts = None, None, []
         with TrackedRun.open(cfg.tracking, cfg.name, tags=prep.source_tags) as run:
             run.log_params(_params(prep))
+            init_url = url + "/init"
+            upload_dir(prep.init_dir, init_url, cfg.storage)
+            init = InitSpec(checkpoint=init_url, freeze_backbone=cfg.transfer.mode == "linear_probe")
+            try:
+                if finetune:
+                    names = getattr(prep.val_manifest, "class_names", None)
+                    trained = fit(train_cfg, run=run.ref, address=address, init=init,
+                                  final_eval=final_eval_spec(cfg, names))
+                else:
+                    fewshot = FewshotEval(pool=cfg.data.train, test=cfg.data.val,
+                                          pool_samples=cfg.transfer.fewshot_train_samples,
+                                          test_batches=cfg.transfer.final_eval_batches)
+                    metrics = evaluate(train_cfg, fewshot=fewshot, init=init, run=run.ref, address=address)
+            finally:
+                remove_dir(init_url, cfg.storage)
             if finetune:
-                init_url = run_url(train_cfg) + "/init"
-                upload_dir(prep.init_dir, init_url, cfg.storage)
-                try:
-                    trained = fit(train_cfg, run=run.ref, address=address, init=InitSpec(
-                        checkpoint=init_url, freeze_backbone=cfg.transfer.mode == "linear_probe"))
-                finally:
-                    remove_dir(init_url, cfg.storage)
                 if trained.stopped:
                     raise RunStopped(cfg.name, trained.step, trained.checkpoint, trained.reason or "stop requested")
+                metrics = {k: v for k, v in trained.metrics.items() if k.startswith("final/")}
+                if cfg.transfer.plots:
+                    artifacts += [f"plots/{n}.png" for n in ("attention_rollout", "pos_embed_similarity",
+                                                            "confusion_matrix")]
+                artifacts.append("eval/confusion_matrix.json")
                 final_dir = workdir / "final"
                 with fetch_checkpoint(trained.final_checkpoint, cfg.storage) as local:
                     shutil.copytree(local, final_dir, dirs_exist_ok=True)
-                model = load_model(final_dir)
-                metrics, cm, images = _final_eval(prep, model)
-            else:
-                model = load_model(prep.init_dir)
-                metrics, cm, images = _fewshot(prep, model), None, None
-            run.log_metrics(metrics, cfg.train.steps if finetune else 0)
-            if cfg.transfer.plots:
-                for png in _plots(prep, model, images, cm, workdir / "plots"):
-                    run.log_artifact(png, "plots")
-                    artifacts.append(f"plots/{png.name}")
-            if cm is not None:
-                run.log_dict({"matrix": cm.tolist()}, "eval/confusion_matrix.json")
-                artifacts.append("eval/confusion_matrix.json")
             if final_dir is not None and cfg.tracking.registered_model:
                 tags = lineage_tags(
                     cfg, run_id=run.run_id, step=cfg.train.steps,

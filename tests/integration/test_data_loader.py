@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +61,12 @@ def test_round_trip_disjoint_complete_across_ranks_and_workers(store):
     for loader, batches in runs:
         assert len(batches) == len(loader) == 12
         b = batches[0]
-        assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.float32
-        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
-        assert b["label"].dtype == torch.int64 and set(b) == {"image", "label", "key"}
+        # uint8 until the device normalises it (pipeline.data.transforms.to_model_input)
+        assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.uint8
+        assert b["label"].dtype == torch.int64 and set(b) == {"image", "label", "key", "valid", "index"}
+        assert all(bool(bb["valid"].all()) for bb in batches)  # drop_last: no padding
+        # `index`: the sample's position in the manifest (keys are its number here)
+        assert all(int(k) == int(i) for bb in batches for k, i in zip(bb["key"], bb["index"]))
         assert all(int(k) % 10 == int(l) for bb in batches for k, l in zip(bb["key"], bb["label"]))
         assert loader.counters()["skipped_samples"] == 0
 
@@ -79,6 +83,21 @@ def test_equal_batch_counts_with_uneven_and_too_few_shards(tmp_path):
         assert counts == {len(runs[0][0])} and len(runs[0][0]) > 0
         keys = [k for _, batches in runs for b in batches for k in b["key"]]
         assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("world,num_workers", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1)])
+def test_an_evaluation_split_counts_every_sample_once(tmp_path, world, num_workers):
+    """drop_last=False pads every rank to equal batch counts with repeats and marks them invalid: the valid samples
+    over all ranks and workers are the split, each exactly once (37 images: no multiple of anything here)."""
+    from pipeline.data.config import StorageConfig
+
+    url = write_array_shards(_images(37), np.arange(37) % 10, str(tmp_path / "eval"), samples_per_shard=10)
+    runs = _run(url, StorageConfig(), _data(url, num_workers=num_workers), world=world, train=False, drop_last=False)
+    assert len({len(batches) for _, batches in runs}) == 1  # the same batch count on every rank
+    valid = [k for _, batches in runs for b in batches for k, v in zip(b["key"], b["valid"]) if v]
+    assert sorted(int(k) for k in valid) == list(range(37))
+    padded = sum(len(b["key"]) for _, batches in runs for b in batches) - 37
+    assert padded == len(runs) * len(runs[0][1]) * 4 - 37
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -101,6 +120,62 @@ def test_exact_resume(store, num_workers):
     assert [b["key"] for b in got] == [b["key"] for b in reference]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, reference))
     assert [b["key"] for b in reference[: len(full)]] != [b["key"] for b in reference[len(full):]]
+
+
+def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_exactly(tmp_path):
+    """data.decode_device=cuda's path (workers check headers, the loader decodes each batch and augments it with
+    the workers' seeded draws) run with the CPU as the device: JPEG and PNG shards give the images that decoding in
+    the workers gives, bit for bit, training crops included; resume is exact; a JPEG whose body is broken is zeros,
+    masked and counted. On a machine without CUDA the setting itself is refused, naming it."""
+    from pipeline.data.config import StorageConfig
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.data.manifest import load_dataset_spec
+
+    storage = StorageConfig()
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 20, 20, 3), dtype=np.uint8)
+    for fmt in ("jpg", "png"):
+        url = write_array_shards(rgb, np.arange(48) % 10, str(tmp_path / fmt), samples_per_shard=7,
+                                 image_format=fmt)
+        data, m = _data(url, seed=3), load_dataset_spec(url, storage)
+        for train in (True, False):
+            kw = dict(batch_size=4, image_size=12, rank=0, world_size=2, train=train)
+            workers = list(StreamingLoader(m, data, storage, **kw))
+            on_device = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
+            got = list(on_device)
+            assert [b["key"] for b in got] == [b["key"] for b in workers] and len(got) == 6
+            assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, workers)), (fmt, train)
+            assert all(bool(b["valid"].all()) for b in got) and on_device.counters()["bad_images"] == 0
+        part = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
+        it = iter(part)
+        first = [next(it) for _ in range(2)]
+        state = part.state_dict()
+        del it
+        resumed = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
+        resumed.load_state_dict(state)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first + list(resumed), workers))
+    # a JPEG with a valid header and a broken body passes the workers' check and fails on the device
+    folder = str(tmp_path / "jpg")
+    with open(f"{folder}/train-000000.tar", "rb") as f:
+        blob = f.read()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src.getmembers():
+            body = src.extractfile(member).read()
+            if member.name == "00000002.jpg":
+                body = body[:200] + bytes(300)
+            member.size = len(body)
+            dst.addfile(member, io.BytesIO(body))
+    with open(f"{folder}/train-000000.tar", "wb") as f:
+        f.write(out.getvalue())
+    url = f"{folder}/manifest.json"
+    broken = StreamingLoader(load_dataset_spec(url, storage), _data(url, seed=3), storage,
+                             batch_decode_device="cpu", batch_size=4, image_size=12, world_size=1, train=False)
+    batches = list(broken)
+    masked = [(k, bool(v)) for b in batches for k, v in zip(b["key"], b["valid"]) if k == "00000002"]
+    assert masked == [("00000002", False)] and broken.counters()["bad_images"] == 1
+    assert sum(int(b["valid"].sum()) for b in batches) == 47
+    with pytest.raises(ValueError, match="data.decode_device"):
+        build_loader(url, _data(url, decode_device="cuda"), storage, batch_size=4, image_size=12)
 
 
 def _corrupt(url: str, storage) -> None:
@@ -175,6 +250,30 @@ def test_s3_retries_through_a_faulty_proxy_are_counted(s3_bucket, storage_config
     c = loader.counters()
     assert proxy.counts["slowdown_503"] > 0 and proxy.counts["resets"] > 0
     assert c["retries"] >= proxy.counts["resets"] and c["skipped_shards"] == 0
+
+
+def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, storage_config, faulty_proxy):
+    """What the driver's final export does: the checkpoint's files downloaded one by one, a body cut off half-way
+    retried (fsspec's recursive get would fail the export)."""
+    import os
+
+    from pipeline.data.storage import get_filesystem, retry_counters
+    from pipeline.train.checkpoint import fetch_checkpoint
+    from tests.fixtures.s3 import make_storage_config
+
+    url = f"s3://{s3_bucket}/runs/r1/checkpoint_00000004"
+    files = {"COMMITTED.rank0": b"{}", "step00000004/mp_rank_00_model_states.pt": os.urandom(300_000),
+             "step00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(200_000)}
+    fs, root = get_filesystem(url, storage_config)
+    for name, data in files.items():
+        fs.pipe_file(f"{root}/{name}", data)
+    proxy = faulty_proxy(reset_fraction=0.5, seed=1)
+    before = sum(retry_counters().values())
+    with fetch_checkpoint(url, make_storage_config(proxy.url)) as local:
+        got = {str(p.relative_to(local)): p.read_bytes() for p in Path(local).rglob("*") if p.is_file()}
+    assert got == files
+    # (a cut-off listing is retried by botocore, a cut-off body by the reader: both counted)
+    assert proxy.counts["resets"] > 0 and sum(retry_counters().values()) - before >= proxy.counts["resets"]
 
 
 def test_plain_webdataset_reads_our_shards(store):

@@ -131,6 +131,8 @@ def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlfl
 
 
 def test_fewshot_mode_needs_no_training(pretrained, digits, mlflow_uri, tmp_path, capsys):
+    from mlflow import MlflowClient
+
     rc = main(_transfer_args(digits, tmp_path / "runs", "transfer.mode=fewshot", "train.fewshot_shots=[1,5]",
                              "transfer.keep_pre_logits=true", "--from", "models:/vit-smoke/1"))
     out = capsys.readouterr().out
@@ -138,7 +140,13 @@ def test_fewshot_mode_needs_no_training(pretrained, digits, mlflow_uri, tmp_path
     metrics = json.loads(out[out.index("{"):])["metrics"]
     assert set(metrics) == {"fewshot/1shot", "fewshot/5shot"}
     assert all(0.0 <= a <= 1.0 for a in metrics.values())
-    assert not (tmp_path / "runs").exists()  # no worker, no training run
+    # evaluated by the Ray workers (each embedding its share), nothing trained: no checkpoint; the adapted weights
+    # they loaded from the run's folder are removed
+    run_dir = tmp_path / "runs" / "transfer-smoke"
+    assert not list(run_dir.glob("checkpoint_*")) and not (run_dir / "init").exists()
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(json.loads(out[out.index("{"):])["run_id"])
+    assert {k: run.data.metrics[k] for k in metrics} == metrics  # logged by rank 0 through the run's sink
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,17 @@ def test_a_node_local_directory_needs_one_node_or_a_shared_filesystem(path, shar
         check_storage(gpu)
 
 
+def test_gpu_decoding_needs_gpu_workers(capsys):
+    check_storage(load_config(SMOKE, ["data.decode_device=cuda", "scaling.use_gpu=true",
+                                      "scaling.storage_path=s3://b/r"]))
+    with pytest.raises(ConfigError, match=r"data\.decode_device is 'cuda' but scaling\.use_gpu is false"):
+        check_storage(load_config(SMOKE, ["data.decode_device=cuda"]))
+    assert main(["submit", "pretrain", SMOKE, "--dry-run", "--set", "data.decode_device=cuda"]) == 2
+    assert "data.decode_device is 'cuda'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"data\.decode_device"):
+        load_config(SMOKE, ["data.decode_device=gpu"])  # only cpu or cuda
+
+
 def test_ds_accelerator_is_never_forwarded_to_gpu_workers():
     environ = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": "/cache/ops", "AWS_SECRET_ACCESS_KEY": "s"}
     cpu = worker_env(load_config(SMOKE), environ)

@@ -70,15 +70,22 @@ def test_precision_at_1_single_and_multi_label():
     assert int(precision_at_1(logits, multi)) == 2
 
 
-def test_evaluate_classifier_sums():
+def test_evaluate_classifier_sums_valid_samples_only():
+    from pipeline.data.transforms import normalize
+
     model = torch.nn.Linear(4, 3)
-    batches = [{"image": torch.randn(5, 4), "label": torch.randint(0, 3, (5,))} for _ in range(3)]
-    out = evaluate_classifier(model, batches, torch.nn.functional.cross_entropy, max_batches=2)
-    assert out["count"] == 10
-    x = torch.cat([b["image"] for b in batches[:2]])
-    y = torch.cat([b["label"] for b in batches[:2]])
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randint(0, 256, (5, 4), dtype=torch.uint8, generator=g),
+                "label": torch.randint(0, 3, (5,), generator=g), "valid": torch.tensor([True] * 5)} for _ in range(3)]
+    batches[1]["valid"] = torch.tensor([True, True, False, True, False])  # two padding repeats
+    out = evaluate_classifier(model, batches, torch.nn.functional.cross_entropy, max_batches=2, num_classes=3)
+    assert out["count"] == 8
+    x = normalize(torch.cat([b["image"][b["valid"]] for b in batches[:2]]))
+    y = torch.cat([b["label"][b["valid"]] for b in batches[:2]])
     with torch.no_grad():
-        ref_loss = torch.nn.functional.cross_entropy(model(x), y).item() * 10
-        ref_correct = (model(x).argmax(1) == y).sum().item()
+        ref_loss = torch.nn.functional.cross_entropy(model(x), y).item() * 8
+        pred = model(x).argmax(1)
     assert out["loss_sum"] == pytest.approx(ref_loss, rel=1e-5)
-    assert out["correct"] == ref_correct
+    assert out["correct"] == (pred == y).sum().item()
+    assert out["confusion"].sum() == 8 and out["confusion"].diag().sum() == out["correct"]
+    assert torch.equal(out["images"], batches[0]["image"])

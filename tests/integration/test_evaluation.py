@@ -1,0 +1,88 @@
+"""Evaluation runs in the workers, each rank on its share of a split: the same numbers on 1 and on 2 ranks, every
+sample counted once (75 images: not a multiple of batch x ranks), logged once by rank 0 through the run's sink,
+pictures included. Evaluation-only specs (pipeline.launch.local.run_rank on the session's ranks: the loop a Ray
+worker runs) on a saved model; the Ray path is test_transfer.py's."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.faults import CLASSES, synthetic
+
+pytestmark = pytest.mark.integration
+
+SMOKE = "configs/pretrain/smoke.yaml"
+N_EVAL = 75
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A model checkpoint (seeded random init: some classes right, some wrong) and its splits."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data.shards import write_array_shards
+    from pipeline.model import build_model
+    from pipeline.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("evaluation")
+    names = [str(i) for i in range(CLASSES)]
+    pool_x, pool_y = synthetic(96, 0)
+    eval_x, eval_y = synthetic(N_EVAL, 1)
+    pool = write_array_shards(pool_x, pool_y, str(root / "pool"), name="synth", class_names=names, samples_per_shard=20)
+    test = write_array_shards(eval_x, eval_y, str(root / "test"), name="synth", class_names=names, samples_per_shard=16)
+    cfg = load_config(SMOKE, ["name=eval", "model.image_size=16", f"model.num_classes={CLASSES}", f"data.train={pool}",
+                              f"data.val={test}", "data.num_workers=0", "train.global_batch=32", "train.micro_batch=16",
+                              "train.fewshot_shots=[1,5]", f"scaling.storage_path={root / 'runs'}",
+                              "tracking.sink=null"])
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "model", build_model(cfg.model).state_dict(), cfg.model, {})
+    return cfg, str(ckpt), pool, test
+
+
+def _spec(cfg, ckpt, pool, test, run=None, plots=False):
+    from pipeline.tracking.run import RunRef
+    from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
+
+    return WorkerSpec(config=cfg, run_url=cfg.scaling.storage_path + "/eval", run=run or RunRef(),
+                      init=InitSpec(checkpoint=ckpt), evaluate_only=True,
+                      final_eval=FinalEval(plots=plots, class_names=[str(i) for i in range(CLASSES)]),
+                      fewshot_eval=FewshotEval(pool=pool, test=test))
+
+
+def test_one_and_two_ranks_agree_and_count_every_sample_once(setup, ranks1, ranks2):
+    cfg, ckpt, pool, test = setup
+    one, = ranks1.run(_spec(cfg, ckpt, pool, test))
+    two = ranks2.run(_spec(cfg, ckpt, pool, test))
+    # every rank has the all-reduced totals; the few-shot solve runs on rank 0 only
+    assert two[1]["final/top1"] == two[0]["final/top1"] and "fewshot/1shot" not in two[1]
+    two = two[0]
+    assert one["final/eval_images"] == two["final/eval_images"] == N_EVAL
+    assert one["final/top1"] == two["final/top1"]  # integer counts of the same samples
+    assert two["final/loss"] == pytest.approx(one["final/loss"], rel=1e-5)  # summed in another order
+    assert set(one) >= {"fewshot/1shot", "fewshot/5shot"}
+    for k in ("fewshot/1shot", "fewshot/5shot"):  # gathered in manifest order: the same shots on either
+        assert abs(one[k] - two[k]) <= 1 / N_EVAL, (k, one[k], two[k])
+    assert 0.0 < one["final/top1"] < 1.0
+
+
+def test_rank_zero_logs_metrics_matrix_and_pictures_once(setup, ranks2, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.config import TrackingConfig
+    from pipeline.tracking.run import TrackedRun
+
+    cfg, ckpt, pool, test = setup
+    tracking = TrackingConfig(sink="mlflow", tracking_uri=mlflow_server.url, experiment="test-evaluation")
+    with TrackedRun.open(tracking, "eval-2-ranks") as run:
+        metrics = ranks2.run(_spec(cfg, ckpt, pool, test, run=run.ref, plots=True))[0]
+    client = MlflowClient(mlflow_server.url)
+    logged = client.get_run(run.run_id).data.metrics
+    assert logged["final/top1"] == metrics["final/top1"] and logged["final/eval_images"] == N_EVAL
+    assert len(client.get_metric_history(run.run_id, "final/top1")) == 1  # once, by rank 0
+    assert {a.path for a in client.list_artifacts(run.run_id, "plots")} == {
+        "plots/attention_rollout.png", "plots/pos_embed_similarity.png", "plots/confusion_matrix.png"}
+    import json
+
+    matrix = json.loads(open(client.download_artifacts(run.run_id, "eval/confusion_matrix.json", str(tmp_path))).read())
+    assert sum(map(sum, matrix["matrix"])) == N_EVAL  # the gathered matrix covers every sample once
