@@ -155,18 +155,7 @@ def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_e
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first + list(resumed), workers))
     # a JPEG with a valid header and a broken body passes the workers' check and fails on the device
     folder = str(tmp_path / "jpg")
-    with open(f"{folder}/train-000000.tar", "rb") as f:
-        blob = f.read()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w") as dst:
-        for member in src.getmembers():
-            body = src.extractfile(member).read()
-            if member.name == "00000002.jpg":
-                body = body[:200] + bytes(300)
-            member.size = len(body)
-            dst.addfile(member, io.BytesIO(body))
-    with open(f"{folder}/train-000000.tar", "wb") as f:
-        f.write(out.getvalue())
+    _edit_members(f"{folder}/train-000000.tar", storage, {"00000002.jpg": lambda body: body[:200] + bytes(300)})
     url = f"{folder}/manifest.json"
     broken = StreamingLoader(load_dataset_spec(url, storage), _data(url, seed=3), storage,
                              batch_decode_device="cpu", batch_size=4, image_size=12, world_size=1, train=False)
@@ -178,25 +167,27 @@ def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_e
         build_loader(url, _data(url, decode_device="cuda"), storage, batch_size=4, image_size=12)
 
 
+def _edit_members(shard_url: str, storage, edits: dict) -> None:
+    """Rewrites a tar shard in place with `edits[member name](bytes)` applied to those members."""
+    fs, path = get_filesystem(shard_url, storage)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src.getmembers():
+            body = src.extractfile(member).read()
+            if member.name in edits:
+                body = edits[member.name](body)
+            member.size = len(body)
+            dst.addfile(member, io.BytesIO(body))
+    fs.pipe_file(path, out.getvalue())
+
+
 def _corrupt(url: str, storage) -> None:
     """Shard 0: one undecodable image, one non-integer and one out-of-range label; shard 1 cut in half."""
     fs, path = get_filesystem(url, storage)
     folder = path.rsplit("/", 1)[0]
-    with open_url(url.rsplit("/", 1)[0] + "/train-000000.tar", "rb", storage) as f:
-        blob = f.read()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()
-            if m.name == "00000001.png":
-                data = b"\x89PNG\r\n\x1a\n garbage"
-            elif m.name == "00000002.cls":
-                data = b"seven"
-            elif m.name == "00000003.cls":
-                data = b"99"
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-    fs.pipe_file(f"{folder}/train-000000.tar", out.getvalue())
+    _edit_members(url.rsplit("/", 1)[0] + "/train-000000.tar", storage, {
+        "00000001.png": lambda _: b"\x89PNG\r\n\x1a\n garbage", "00000002.cls": lambda _: b"seven",
+        "00000003.cls": lambda _: b"99"})
     half = fs.cat_file(f"{folder}/train-000001.tar")
     fs.pipe_file(f"{folder}/train-000001.tar", half[: len(half) // 2])
 
