@@ -6,6 +6,7 @@ Layout of one checkpoint directory (ranks write their own files; Ray merges them
     <tag>/...                      DeepSpeed's files (model states, ZeRO optimizer shards), `latest`
     train_state.rank<R>.json       step, tag, world_size, run_id, loader state of rank R, the model config and the
                                    resolved run config
+    ema.safetensors                train.ema_decay > 0: the fp32 weight average (rank 0; the export saves it)
     COMMITTED.rank<R>              written last by rank R; a checkpoint is complete when all ranks' markers exist
 """
 
@@ -40,11 +41,13 @@ __all__ = [
     "upload_dir",
     "remove_dir",
     "fetch_checkpoint",
+    "EMA_FILE",
 ]
 
 log = logging.getLogger(__name__)
 
 _STATE = "train_state.rank{}.json"
+EMA_FILE = "ema.safetensors"
 _MARKER = "COMMITTED.rank{}"
 _DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 
@@ -179,6 +182,18 @@ def export_final(checkpoint_dir: str | Path, model_cfg: "ModelConfig | dict", ou
     state = read_train_state(checkpoint_dir, 0)
     sd = consolidate_fp32(str(checkpoint_dir), tag=state["tag"])
     meta = {"step": state["step"], "run_id": state.get("run_id"), **(extra or {})}
+    ema_path = Path(checkpoint_dir) / EMA_FILE
+    if ema_path.is_file():  # Polyak averaging was on: the averaged weights are the model (frozen ones stay raw)
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        averaged = load_file(str(ema_path))
+        unknown = sorted(set(averaged) - set(sd))
+        if unknown:
+            raise ValueError(f"{ema_path}: averaged weights the model does not have, e.g. {unknown[:3]}")
+        sd.update({n: t.float() for n, t in averaged.items()})
+        with safe_open(str(ema_path), "pt") as f:
+            meta["ema_decay"] = float((f.metadata() or {}).get("decay", "nan"))
     return save_checkpoint(out_dir, sd, model_cfg, meta)
 
 

@@ -67,9 +67,18 @@ class TrainConfig(BaseModel):
     eval_batches: int = Field(10, gt=0, description="batches per validation")
     fewshot_every: int = Field(0, ge=0, description="few-shot evaluation every K steps; 0 = off")
     fewshot_shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25])
-    fewshot_l2: float = Field(1e-3, gt=0, description="ridge regulariser of the closed-form solve")
+    fewshot_l2: float | None = Field(
+        None, gt=0, description="ridge regulariser of the closed-form solve; null = chosen per k by leave-one-out "
+        "on the support set from a log grid 2^-10 ... 2^15"
+    )
+    fewshot_seeds: int = Field(3, ge=1, description="draws of the k shots per class; the metric is their mean")
     fewshot_name: str | None = Field(
         None, description="name in the metric fewshot/<name>_<k>shot; null = derived from data.fewshot_train"
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="Polyak averaging: exponential moving average of the weights, updated every "
+        "optimizer step (the paper's 0.9999 for high-resolution fine-tunes); 0 = off. When on, evaluations run "
+        "with both the raw and the averaged weights and the averaged ones are exported"
     )
     peak_tflops: float | None = Field(
         None, gt=0, description="peak TFLOP/s of one device at the training precision, for MFU; null = detect "

@@ -18,8 +18,9 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.eval.gather import distributed, gather_rows
+from pipeline.eval.gather import distributed, gather_column_shard, gather_rows
 from pipeline.tracking.sinks import MetricsSink, NullSink
+from pipeline.train.ema import ParamEMA
 from pipeline.train.hooks import EvalContext, TrainHooks, all_reduce_sum
 from pipeline.train.spec import FewshotEval, FinalEval
 
@@ -43,10 +44,10 @@ def fewshot_name(cfg: RunConfig, manifest_name: str = "") -> str:
 class Evaluator:
     def __init__(self, cfg: RunConfig, hooks: TrainHooks, *, rank: int, world_size: int, device: torch.device,
                  dtype: torch.dtype, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 sink: MetricsSink | None = None, final: FinalEval | None = None):
+                 sink: MetricsSink | None = None, final: FinalEval | None = None, ema: ParamEMA | None = None):
         self.cfg, self.hooks, self.rank, self.world_size = cfg, hooks, rank, world_size
         self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
-        self.sink, self.final_spec = sink or NullSink(), final
+        self.sink, self.final_spec, self.ema = sink or NullSink(), final, ema
         self._workdir: str | None = None
 
     # -- what the loop calls ------------------------------------------------------------------------------------
@@ -54,17 +55,28 @@ class Evaluator:
         return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """The evaluations due at `step`. With Polyak averaging on, the metrics are the averaged weights' (the
+        model that is exported) and the raw weights' are logged beside them as raw/<metric>."""
+        if self.ema is None:
+            return self._run(model, step)
+        raw = self._run(model, step, headline=False)
+        with self.ema.swapped():
+            out = self._run(model, step)
+        out.update({f"raw/{k}": v for k, v in raw.items()})
+        return out
+
+    def _run(self, model: torch.nn.Module, step: int, headline: bool = True) -> dict[str, float]:
         cfg, tr = self.cfg, self.cfg.train
         out: dict[str, float] = {}
         if cfg.data.val and self._due(step, tr.eval_every):
             out.update(self.validate(model))
         if cfg.data.fewshot_train and self._due(step, tr.fewshot_every):
             out.update(self.fewshot(model, cfg.data.fewshot_train, cfg.data.fewshot_test or cfg.data.fewshot_train))
-        if self._due(step, tr.eval_every):
+        if headline and self._due(step, tr.eval_every):
             ctx = EvalContext(model, step, self.rank, self.world_size, cfg, self.device, self.dtype)
             out.update({k: float(v) for k, v in self.hooks.evaluate(ctx).items()})
         if self.final_spec is not None and step == tr.steps:
-            out.update(self.final(model, step))
+            out.update(self.final(model, step, artifacts=headline))
         return out
 
     def close(self) -> None:
@@ -100,13 +112,33 @@ class Evaluator:
             cm = sums["confusion"].to(self.device)
             dist.all_reduce(cm)
             sums["confusion"] = cm.cpu()
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}, sums
+        totals = {"loss_sum": loss_sum, "correct": correct, "count": count}
+        if all_reduce_sum([float("scores" in sums)], self.device)[0]:  # multi-hot labels (on every rank, or none)
+            totals["map"] = self._mean_average_precision(sums)
+        return totals, sums
+
+    def _mean_average_precision(self, sums: dict[str, Any]) -> float:
+        """mAP over the classes with a positive in the evaluated split: each rank gathers every sample's scores of
+        its share of the classes, computes their APs exactly, and the sums are all-reduced."""
+        from pipeline.eval.classify import average_precision
+
+        k = self.cfg.model.num_classes
+        scores = sums.get("scores", torch.zeros(0, k))
+        targets = sums.get("targets", torch.zeros(0, k, dtype=torch.bool))
+        # one tensor per rank: scores and targets travel together (targets as 0/1 in the scores' dtype)
+        both, _ = gather_column_shard(torch.stack([scores.float(), targets.float()], 2), self.device)
+        ap_sum, classes = average_precision(both[..., 0], both[..., 1])
+        ap_sum, classes = all_reduce_sum([ap_sum, float(classes)], self.device)
+        return ap_sum / classes if classes else float("nan")
 
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
         totals, _ = self._classify(model, self.cfg.data.val, self.cfg.train.eval_batches)
         if totals["count"] == 0:
             return {}
-        return {"val/loss": totals["loss_sum"] / totals["count"], "val/prec1": totals["correct"] / totals["count"]}
+        out = {"val/loss": totals["loss_sum"] / totals["count"], "val/prec1": totals["correct"] / totals["count"]}
+        if "map" in totals:
+            out["val/map"] = totals["map"]
+        return out
 
     def features(self, model: torch.nn.Module, url: str,
                  max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -119,22 +151,34 @@ class Evaluator:
             feats, labels, index = extract_features(model, loader, self.dtype, self.device, self.cfg.data.augment,
                                                     max_batches)
         feats, labels, index = (gather_rows(t, self.device) for t in (feats, labels, index))
+        if len(torch.unique(index)) != len(index):  # the loader's padding leaked into a metric: refuse to report it
+            raise RuntimeError(f"evaluation of {url}: a sample was embedded twice across ranks ({len(index)} rows, "
+                               f"{len(torch.unique(index))} distinct)")
         order = torch.argsort(index)
         return feats[order], labels[order], getattr(loader.manifest, "name", "") or ""
 
     def fewshot(self, model: torch.nn.Module, pool: str, test: str, *, pool_batches: int | None = None,
                 test_batches: int | None = None, prefix: str | None = None) -> dict[str, float]:
         """Few-shot accuracies (rank 0; {} elsewhere): each rank embeds its share of both sets, rank 0 solves."""
-        from pipeline.eval.fewshot import fewshot_accuracy
+        import math
+
+        from pipeline.eval.fewshot import fewshot_results
 
         tr_x, tr_y, name = self.features(model, pool, pool_batches)
         te_x, te_y, _ = self.features(model, test, test_batches)
         if self.rank != 0:
             return {}
         tr = self.cfg.train
-        acc = fewshot_accuracy(tr_x, tr_y, te_x, te_y, tr.fewshot_shots, tr.fewshot_l2, tr.seed)
+        results = fewshot_results(tr_x, tr_y, te_x, te_y, tr.fewshot_shots, tr.fewshot_l2, tr.seed, tr.fewshot_seeds)
         prefix = prefix if prefix is not None else f"fewshot/{fewshot_name(self.cfg, name)}_"
-        return {f"{prefix}{k}shot": v for k, v in acc.items()}
+        # each valid sample once whatever the number of ranks (the loader's padding is masked)
+        out: dict[str, float] = {f"{prefix}pool_images": float(len(tr_y)), f"{prefix}test_images": float(len(te_y))}
+        for k, r in results.items():
+            # the mean over the draws of the shots; beside it their spread and the (median) regulariser chosen
+            out[f"{prefix}{k}shot"] = r.mean
+            out[f"{prefix}{k}shot_std"] = r.std
+            out[f"{prefix}{k}shot_log2_l2"] = math.log2(sorted(r.l2)[len(r.l2) // 2])
+        return out
 
     def fewshot_only(self, model: torch.nn.Module, spec: FewshotEval) -> dict[str, float]:
         """An evaluation-only job's few-shot metrics (fewshot/<k>shot)."""
@@ -143,9 +187,9 @@ class Evaluator:
         return self.fewshot(model, spec.pool, spec.test, pool_batches=pool_batches, test_batches=spec.test_batches,
                             prefix="fewshot/")
 
-    def final(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """The final evaluation of `final_spec` on data.val: metrics final/*; rank 0 logs the confusion matrix and
-        the pictures through the sink."""
+    def final(self, model: torch.nn.Module, step: int, artifacts: bool = True) -> dict[str, float]:
+        """The final evaluation of `final_spec` on data.val: metrics final/*; with `artifacts`, rank 0 logs the
+        confusion matrix and the pictures through the sink."""
         spec, k = self.final_spec, self.cfg.model.num_classes
         num_classes = k if k <= MAX_CONFUSION_CLASSES else None
         totals, sums = self._classify(model, self.cfg.data.val, spec.max_batches, num_classes)
@@ -153,7 +197,11 @@ class Evaluator:
             raise ValueError(f"final evaluation: data.val ({self.cfg.data.val}) yielded no samples")
         metrics = {"final/top1": totals["correct"] / totals["count"], "final/loss": totals["loss_sum"] / totals["count"],
                    "final/eval_images": totals["count"]}
+        if "map" in totals:
+            metrics["final/map"] = totals["map"]
         cm = sums.get("confusion")
+        if not artifacts:
+            return metrics
         if self.rank == 0 and cm is not None:
             self.sink.log_dict({"matrix": cm.tolist()}, "eval/confusion_matrix.json")
         if spec.plots:

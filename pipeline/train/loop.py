@@ -124,6 +124,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     from pipeline.model.flops import forward_flops
     from pipeline.tracking.sinks import build_sink
     from pipeline.train import checkpoint as ckpt
+    from pipeline.train.ema import ParamEMA
     from pipeline.train.engine import build_engine, compute_dtype, gradient_accumulation, to_universal
     from pipeline.train.evaluate import Evaluator
     from pipeline.train.optim import param_groups
@@ -147,6 +148,10 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         else:
             engine.load_checkpoint(restore_dir, tag=state["tag"])
         start_step = int(state["step"])
+    ema = ParamEMA(engine.module, tr.ema_decay) if tr.ema_decay else None
+    if ema is not None and restore_dir is not None and not ema.load(restore_dir):
+        log.warning("checkpoint %s holds no weight average (train.ema_decay was 0 when it was written): the "
+                    "average starts from its weights", restore_dir)
     info = LoopInfo(rank, world_size, start_step, engine, cfg)
     hooks.on_start(info)
 
@@ -163,7 +168,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     peak = peak_tflops(tr.precision, tr.peak_tflops)
     loss_fn = lambda logits, y: compute_loss(tr.loss, logits, y)  # noqa: E731
     evaluator = Evaluator(cfg, hooks, rank=rank, world_size=world_size, device=device, dtype=dtype, loss_fn=loss_fn,
-                          sink=sink, final=spec.final_eval)
+                          sink=sink, final=spec.final_eval, ema=ema)
     last: dict[str, Any] = {"step": start_step, "stopped": False}
 
     def save(step: int, metrics: dict, stopped: bool) -> None:
@@ -171,6 +176,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         # not log them again); bounded, so an unreachable tracking server does not stall training
         sink.flush(timeout_s=10.0)
         with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as tmp:
+            if ema is not None:  # before the commit marker: a committed checkpoint always holds its average
+                ema.save(tmp, device)
             ckpt.save_train_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size,
                                        loader_state=train_loader.state_dict(), run_id=spec.run.run_id,
                                        extra={"model": engine.module.cfg.model_dump(mode="json"),
@@ -199,6 +206,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 hooks.after_backward(info, step)
                 engine.step()
                 loss_sum += loss.detach().double()
+            if ema is not None:  # the optimizer stepped once (at the accumulation boundary)
+                ema.update()
             # one collective per step carries the loss and every rank's stop vote
             loss_total, stop_votes = all_reduce_sum([float(loss_sum) / accum, float(should_stop())], device)
             loss_global = loss_total / world_size

@@ -159,11 +159,15 @@ def _params(prep: PreparedTransfer) -> dict[str, Any]:
     return {**tree, "resolved": {"model": prep.model.model_dump(mode="json")}}
 
 
+def _per_rank_batches(cfg: TransferRunConfig) -> int | None:
+    """`transfer.final_eval_batches` (over all ranks together) as batches per rank."""
+    batches = cfg.transfer.final_eval_batches
+    return None if batches is None else -(-batches // cfg.scaling.num_workers)
+
+
 def final_eval_spec(cfg: TransferRunConfig, class_names: list[str] | None) -> FinalEval:
     """What the workers evaluate once a fine-tune ends: `transfer.final_eval_batches` over all ranks together."""
-    batches = cfg.transfer.final_eval_batches
-    per_rank = None if batches is None else -(-batches // cfg.scaling.num_workers)
-    return FinalEval(max_batches=per_rank, plots=cfg.transfer.plots, plot_images=cfg.transfer.plot_images,
+    return FinalEval(max_batches=_per_rank_batches(cfg), plots=cfg.transfer.plots, plot_images=cfg.transfer.plot_images,
                      class_names=class_names)
 
 
@@ -203,7 +207,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
                 else:
                     fewshot = FewshotEval(pool=cfg.data.train, test=cfg.data.val,
                                           pool_samples=cfg.transfer.fewshot_train_samples,
-                                          test_batches=cfg.transfer.final_eval_batches)
+                                          test_batches=_per_rank_batches(cfg))
                     metrics = evaluate(train_cfg, fewshot=fewshot, init=init, run=run.ref, address=address)
             finally:
                 remove_dir(init_url, cfg.storage)

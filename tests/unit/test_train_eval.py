@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,19 +15,6 @@ def _blobs(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
     labels = torch.arange(classes).repeat_interleave(n_per_class)
     feats = centres[labels] + noise * torch.randn(len(labels), dim, generator=g)
     return feats, labels
-
-
-def test_ridge_matches_sklearn():
-    from sklearn.linear_model import Ridge
-
-    x, y = _blobs(20, 4, 8, 1.0, 0)
-    w = ridge_classifier(x, y, 4, l2=0.5)
-    # sklearn with the bias as an explicit (regularised) feature, no intercept: the same objective
-    targets = -np.ones((len(y), 4))
-    targets[np.arange(len(y)), y.numpy()] = 1
-    xb = np.concatenate([x.numpy(), np.ones((len(x), 1))], 1)
-    ref = Ridge(alpha=0.5, fit_intercept=False).fit(xb, targets).coef_.T
-    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-6, atol=1e-8)
 
 
 def test_ridge_dual_equals_primal():
@@ -89,3 +75,23 @@ def test_evaluate_classifier_sums_valid_samples_only():
     assert out["correct"] == (pred == y).sum().item()
     assert out["confusion"].sum() == 8 and out["confusion"].diag().sum() == out["correct"]
     assert torch.equal(out["images"], batches[0]["image"])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_matches_sklearn(ties):
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    from pipeline.eval.classify import average_precision
+
+    g = torch.Generator().manual_seed(11)
+    targets = torch.rand(40, 6, generator=g) < 0.3
+    targets[:, 5] = False  # a class without a positive in the split: no AP, left out of the mean
+    scores = torch.randn(40, 6, generator=g) + 1.5 * targets
+    if ties:
+        scores = (scores * 2).round() / 2  # many tied scores: each group of ties is one threshold
+    ap_sum, classes = average_precision(scores, targets)
+    ref = [average_precision_score(targets[:, c].numpy(), scores[:, c].numpy()) for c in range(5)]
+    assert classes == 5
+    assert ap_sum / classes == pytest.approx(float(np.mean(ref)), abs=1e-12)
+    assert average_precision(torch.zeros(0, 3), torch.zeros(0, 3)) == (0.0, 0)
