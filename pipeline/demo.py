@@ -1,6 +1,8 @@
 """The end-to-end demo on one machine and real images: Fashion-MNIST shards -> ViT pretraining (DeepSpeed ZeRO-2 on 2
 Ray workers, few-shot evaluation, MLflow tracking, registry) -> transfer from the registry onto scikit-learn's digits
--> the same budget from scratch -> a summary table.
+-> the same budget from a random init -> the controls (frozen-feature ridge probes of the pretrained model, the same
+architecture at random init, and raw pixels) -> a summary table. Fine-tune and scratch run over several seeds
+(the quick variant: one), so their gap comes with its spread.
 
 Everything lives under one workdir: shards in a local folder standing in for the object store, the runs and their
 checkpoints, a sqlite MLflow store with its artifacts. Ray is a local instance on 127.0.0.1. Each run starts clean
@@ -23,14 +25,13 @@ from typing import Any, Callable, Iterator, TextIO
 import numpy as np
 
 from pipeline.config import RunConfig, load_config
-from pipeline.launch.trainer import fit
-from pipeline.model.checkpoint import load_checkpoint
+from pipeline.eval.fewshot import ridge_probe
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
-from pipeline.tracking.run import TrackedRun, metric_history, ui_url
+from pipeline.tracking.run import metric_history, ui_url
 from pipeline.tracking.tail import MetricsTail
 from pipeline.transfer.config import TransferRunConfig
-from pipeline.transfer.job import final_eval_spec, finetune_model_config, run_transfer, training_config
+from pipeline.transfer.job import run_transfer
 
 __all__ = [
     "DemoPlan", "PLANS", "DemoResult", "run_demo", "find_fashion_mnist", "digits_28px", "format_summary",
@@ -65,11 +66,12 @@ class DemoPlan:
     samples_per_shard: int
     digits_train: int = 1000    # of scikit-learn's 1797 digits; the rest is the test split
     digits_samples_per_shard: int = 250
+    seeds: int = 3              # fine-tune and scratch runs, each with its own train.seed
 
 
 PLANS = {
     "full": DemoPlan("full", "pretrain.yaml", "transfer.yaml", 20_000, 2_000, 1_000, 1_000, 1_000),
-    "quick": DemoPlan("quick", "pretrain-quick.yaml", "transfer-quick.yaml", 2_000, 512, 300, 300, 250),
+    "quick": DemoPlan("quick", "pretrain-quick.yaml", "transfer-quick.yaml", 2_000, 512, 300, 300, 250, seeds=1),
 }
 
 
@@ -87,8 +89,9 @@ class DemoResult:
     stages: list[StageTime] = field(default_factory=list)
     data: dict[str, int] = field(default_factory=dict)          # split -> samples
     pretrain: dict[str, Any] = field(default_factory=dict)
-    transfer: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] = field(default_factory=dict)  # "top1": first seed's, "seeds": every seed's
     scratch: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, float] = field(default_factory=dict)      # features -> ridge-probe top-1 on digits
 
     @property
     def ui_command(self) -> str:
@@ -101,7 +104,18 @@ class DemoResult:
 
     @property
     def transfer_gain(self) -> float:
-        return self.transfer["top1"] - self.scratch["top1"]
+        """Mean over seeds of fine-tune minus scratch top-1 (paired by seed)."""
+        return float(np.mean(self._gaps()))
+
+    @property
+    def transfer_gain_std(self) -> float | None:
+        gaps = self._gaps()
+        return float(np.std(gaps, ddof=1)) if len(gaps) > 1 else None
+
+    def _gaps(self) -> list[float]:
+        a = self.transfer.get("seeds") or [self.transfer["top1"]]
+        b = self.scratch.get("seeds") or [self.scratch["top1"]]
+        return [x - y for x, y in zip(a, b)]
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -181,6 +195,15 @@ def _write(source: Any, dest: Path, *, name: str, split: str, per_shard: int, sa
     return url
 
 
+def digits_splits(plan: DemoPlan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The downstream task's train and test split: (uint8 images [N, 28, 28], labels)."""
+    digits, digit_labels = digits_28px()
+    order = np.random.default_rng(0).permutation(len(digits))  # the scans are grouped by writer: mix them
+    digits, digit_labels = digits[order], digit_labels[order]
+    n = plan.digits_train
+    return {"train": (digits[:n], digit_labels[:n]), "test": (digits[n:], digit_labels[n:])}
+
+
 def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) -> tuple[str, dict[str, str],
                                                                                           dict[str, int]]:
     """Stage 1: the pretraining splits (Fashion-MNIST, or digits when it is absent) and the digits splits.
@@ -188,14 +211,7 @@ def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) ->
     from pipeline.data.sources import ArraySource, IdxSource
 
     urls: dict[str, str] = {}
-    digits, digit_labels = digits_28px()
-    order = np.random.default_rng(0).permutation(len(digits))  # the scans are grouped by writer: mix them
-    digits, digit_labels = digits[order], digit_labels[order]
-    n = plan.digits_train
-    digit_sources = {
-        "train": ArraySource(digits[:n], digit_labels[:n], DIGIT_CLASSES),
-        "test": ArraySource(digits[n:], digit_labels[n:], DIGIT_CLASSES),
-    }
+    digit_sources = {split: ArraySource(x, y, DIGIT_CLASSES) for split, (x, y) in digits_splits(plan).items()}
     files = find_fashion_mnist()
     if files is not None:
         dataset = "fashion-mnist"
@@ -282,6 +298,13 @@ def _demo_environment(say: Callable[[str], None], worker_logs: bool) -> Iterator
                 os.environ[k] = v
 
 
+def _pixels(images: np.ndarray) -> "torch.Tensor":
+    """Raw pixels as features [N, H*W] in [0, 1]: the probe's floor."""
+    import torch
+
+    return torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0
+
+
 def _history(tracking_uri: str, run_id: str, key: str) -> list[float]:
     return [v for _, v in metric_history(tracking_uri, run_id, key)]
 
@@ -321,7 +344,7 @@ def run_demo(workdir: str | Path = "demo-out", *, quick: bool = False, worker_lo
         _prepare_workdir(workdir, say)
         tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
         result = DemoResult(workdir, tracking_uri, "")
-        stages = _Stages(result, say, 5)
+        stages = _Stages(result, say, 6)
         try:
             _run_stages(plan, workdir, result, stages, say)
         finally:
@@ -344,10 +367,9 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
         f"data.fewshot_test={urls['fewshot-test']}", f"scaling.storage_path={runs}", f"tracking.tracking_uri={uri}",
         f"tracking.artifact_root={artifacts}", f"train.fewshot_name={'fmnist' if dataset == 'fashion-mnist' else dataset}",
     ], RunConfig)
-    tr_cfg = load_config(CONFIG_DIR / plan.transfer_config, [
-        f"data.train={urls['digits-train']}", f"data.val={urls['digits-test']}", f"scaling.storage_path={runs}",
-        f"tracking.tracking_uri={uri}", f"tracking.artifact_root={artifacts}",
-    ], TransferRunConfig)
+    tr_over = [f"data.train={urls['digits-train']}", f"data.val={urls['digits-test']}", f"scaling.storage_path={runs}",
+               f"tracking.tracking_uri={uri}", f"tracking.artifact_root={artifacts}"]
+    tr_cfg = load_config(CONFIG_DIR / plan.transfer_config, tr_over, TransferRunConfig)
 
     m, t = pre_cfg.model, pre_cfg.train
     with stages.stage(f"pretrain: {m.name} at {m.image_size} px on {dataset}, DeepSpeed ZeRO-{t.zero.stage} on "
@@ -375,38 +397,54 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
     source = result.pretrain["source"]
     tt = tr_cfg.train
     budget = f"{tt.steps} steps x {tt.global_batch} images, {tt.optim.name} lr {tt.optim.lr}"
-    with stages.stage(f"transfer: {source} -> digits at {tr_cfg.model.image_size} px ({budget})"):
-        tail = MetricsTail(uri, tr_cfg.tracking.experiment, tr_cfg.name, tt.steps, "transfer", say)
-        tail.start()
-        try:
-            tr = run_transfer(tr_cfg, source=source, workdir=workdir / "transfer")
-        finally:
-            tail.stop()
-        acc = tr.metrics["final/top1"]  # the workers' evaluation over the whole test split
-        result.transfer = {"run_id": tr.run_id, "top1": acc,
-                           "registered": f"models:/{tr.registered.name}/{tr.registered.version}" if tr.registered
-                           else None}
-        say(f"  transfer top-1 on {result.data['digits-test']} test digits: {acc:.2%}; registered "
-            f"{result.transfer['registered']}")
+    tests = result.data["digits-test"]
 
-    with stages.stage(f"scratch: the same model and budget on digits from a random init ({budget})"):
-        _, src_model, _ = load_checkpoint(Path(result.pretrain["final_checkpoint"]))
-        # the transfer job's own training config, with the same architecture and no init checkpoint
-        scratch_cfg = training_config(tr_cfg, finetune_model_config(src_model, tr_cfg.model),
-                                      name=f"{tr_cfg.name}-scratch")
-        tail = MetricsTail(uri, tr_cfg.tracking.experiment, scratch_cfg.name, tt.steps, "scratch", say)
+    def transfer(label: str, name: str, *over: str, register: bool = False) -> Any:
+        cfg = load_config(CONFIG_DIR / plan.transfer_config, [*tr_over, f"name={name}", *over,
+                                                              *(() if register else ("tracking.registered_model=null",))],
+                          TransferRunConfig)
+        tail = MetricsTail(uri, cfg.tracking.experiment, cfg.name, cfg.train.steps, label, say)
         tail.start()
         try:
-            with TrackedRun.open(scratch_cfg.tracking, scratch_cfg.name, tags={"demo.baseline_of": tr.run_id}) as run:
-                run.log_params(scratch_cfg.model_dump(mode="json"))
-                # evaluated as the transfer is, in the workers (they log final/* to this run)
-                sc = fit(scratch_cfg, run=run.ref, final_eval=final_eval_spec(tr_cfg, None).model_copy(
-                    update={"plots": False}))
-                acc = sc.metrics["final/top1"]
+            return run_transfer(cfg, source=source, workdir=workdir / "transfer" / name)
         finally:
             tail.stop()
-        result.scratch = {"run_id": run.run_id, "top1": acc}
-        say(f"  from-scratch top-1 on {result.data['digits-test']} test digits: {acc:.2%}")
+
+    seeds = range(plan.seeds)
+    with stages.stage(f"transfer: {source} -> digits at {tr_cfg.model.image_size} px ({budget}; {plan.seeds} seed(s))"):
+        accs = []
+        for s in seeds:
+            tr = transfer("transfer", tr_cfg.name + (f"-seed{s}" if s else ""), f"train.seed={s}", register=s == 0)
+            accs.append(tr.metrics["final/top1"])  # the workers' evaluation over the whole test split
+            if s == 0:
+                result.transfer = {"run_id": tr.run_id, "registered": f"models:/{tr.registered.name}/"
+                                   f"{tr.registered.version}" if tr.registered else None}
+            say(f"  seed {s}: transfer top-1 on {tests} test digits: {accs[-1]:.2%}")
+        result.transfer.update({"top1": accs[0], "seeds": accs})
+
+    with stages.stage(f"scratch: the same architecture and budget on digits from a random init ({budget})"):
+        accs = []
+        for s in seeds:  # the transfer job itself with transfer.init=random: only the starting weights differ
+            sc = transfer("scratch", f"{tr_cfg.name}-scratch" + (f"-seed{s}" if s else ""), f"train.seed={s}",
+                          "transfer.init=random", "transfer.plots=false")
+            accs.append(sc.metrics["final/top1"])
+            if s == 0:
+                result.scratch = {"run_id": sc.run_id}
+            say(f"  seed {s}: from-scratch top-1 on {tests} test digits: {accs[-1]:.2%}")
+        result.scratch.update({"top1": accs[0], "seeds": accs})
+
+    with stages.stage("probe: ridge probes of frozen features on digits (pretrained, random init, raw pixels)"):
+        for init in ("pretrained", "random"):
+            pr = transfer("probe", f"{tr_cfg.name}-probe-{init}", "transfer.mode=fewshot", "transfer.fewshot_probe=true",
+                          f"transfer.init={init}", "transfer.keep_pre_logits=true")
+            result.probe[init] = pr.metrics["probe/top1"]
+            say(f"  {init} features: ridge-probe top-1 {result.probe[init]:.2%} (l2 2^{pr.metrics['probe/log2_l2']:.0f} "
+                "by leave-one-out)")
+        import torch
+
+        flat = {k: (_pixels(x), torch.from_numpy(y)) for k, (x, y) in digits_splits(plan).items()}
+        result.probe["pixels"], l2 = ridge_probe(*flat["train"], *flat["test"])
+        say(f"  raw pixels: ridge-probe top-1 {result.probe['pixels']:.2%} (l2 {l2:g})")
 
     with stages.stage("registry: what the MLflow model registry now holds"):
         for name in (pre_cfg.tracking.registered_model, tr_cfg.tracking.registered_model):
@@ -432,6 +470,13 @@ def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
     p, tr, sc = result.pretrain, result.transfer, result.scratch
     shots = "  ".join(f"{k}-shot {v:.1%}" for k, v in sorted(p.get("fewshot", {}).items()))
     d = result.data
+    def spread(accs: list[float]) -> str:
+        if len(accs) < 2:
+            return f"{accs[0]:.1%} (1 seed)" if accs else "n/a"
+        return f"{np.mean(accs):.1%} ± {np.std(accs, ddof=1) * 100:.1f} ({len(accs)} seeds)"
+
+    pr = result.probe
+    probe = "  ".join(f"{k} {pr[k]:.1%}" for k in ("pretrained", "random", "pixels") if k in pr)
     rows = [
         ("1 data", times.get("data"), f"{result.pretrain_data}: train {d.get('train')}, val {d.get('val')}, "
          f"few-shot {d.get('fewshot-train')}/{d.get('fewshot-test')}; digits {d.get('digits-train')}/"
@@ -439,9 +484,11 @@ def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
         ("2 pretrain", times.get("pretrain"), f"{p.get('model')} {p.get('steps')} steps: loss {p.get('first_loss', 0):.3f} "
          f"-> {p.get('last_loss', 0):.3f}; val top-1 {p.get('val_prec1', float('nan')):.1%}"),
         ("", None, f"few-shot ({result.pretrain_data}): {shots}"),
-        ("3 transfer", times.get("transfer"), f"digits top-1 {tr.get('top1', float('nan')):.1%}  (from {p.get('source')})"),
-        ("4 scratch", times.get("scratch"), f"digits top-1 {sc.get('top1', float('nan')):.1%}  (same steps/batch/optimiser)"),
-        ("5 registry", times.get("registry"), f"{p.get('registered')}, {tr.get('registered')}"),
+        ("3 transfer", times.get("transfer"), f"digits top-1 {spread(tr.get('seeds', []))}  (from {p.get('source')})"),
+        ("4 scratch", times.get("scratch"), f"digits top-1 {spread(sc.get('seeds', []))}  (random init, same "
+         "steps/batch/optimiser)"),
+        ("5 probe", times.get("probe"), f"ridge probe on frozen features, digits top-1: {probe}"),
+        ("6 registry", times.get("registry"), f"{p.get('registered')}, {tr.get('registered')}"),
         ("total", times.get("total"), ""),
     ]
     width = max(len(r[2]) for r in rows)
@@ -449,9 +496,21 @@ def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
              f"{'stage':<11} {'wall':>8}  result", f"{'-' * 11} {'-' * 8}  {'-' * width}"]
     for name, secs, text in rows:
         lines.append(f"{name:<11} {(f'{secs:.1f} s' if secs is not None else ''):>8}  {text}")
+    lines.append("")
+    few = [v for _, v in sorted(p.get("fewshot", {}).items())]
+    if len(few) > 1 and any(b < a for a, b in zip(few, few[1:])):
+        lines.append("NOTE: the few-shot accuracy does not rise with k on every step of the row above")
     if tr and sc:
-        gain = result.transfer_gain
-        verdict = "transfer beats scratch" if gain > 0 else "NOTE: transfer did NOT beat scratch"
-        lines.append(f"{verdict}: {gain * 100:+.1f} points top-1 on digits")
+        gain, std = result.transfer_gain, result.transfer_gain_std
+        n = len(tr.get("seeds", [])) or 1
+        spread_txt = f" ± {std * 100:.1f}" if std is not None else ""
+        verdict = "fine-tuning beats training from scratch" if gain > 0 else \
+            "NOTE: fine-tuning did NOT beat training from scratch"
+        lines.append(f"{verdict}: {gain * 100:+.1f}{spread_txt} points top-1 on digits ({n} seed(s), paired)")
+    if {"pretrained", "random", "pixels"} <= set(pr):
+        for other, what in (("random", "the same network at random init"), ("pixels", "raw pixels")):
+            diff = (pr["pretrained"] - pr[other]) * 100
+            word = "better" if diff > 0 else "NOT better"
+            lines.append(f"pretrained features probe {word} than {what}: {diff:+.1f} points")
     lines += ["", "MLflow UI on this demo's store:", f"  {result.ui_command}", f"  then open {result.ui_link}"]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from pipeline.data.config import AugmentConfig
 from pipeline.data.transforms import to_model_input
 
 __all__ = ["FewshotResult", "L2_GRID", "fewshot_accuracy", "fewshot_results", "sample_k_per_class",
-           "ridge_classifier", "loo_predictions", "select_l2", "extract_features"]
+           "ridge_classifier", "ridge_probe", "loo_predictions", "select_l2", "extract_features"]
 
 L2_GRID: tuple[float, ...] = tuple(2.0 ** e for e in range(-10, 16))
 
@@ -149,6 +149,21 @@ def fewshot_results(
             chosen.append(float(reg))
         out[int(k)] = FewshotResult(int(k), tuple(accs), tuple(chosen))
     return out
+
+
+def ridge_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                test_labels: torch.Tensor, grid: Sequence[float] = L2_GRID) -> tuple[float, float]:
+    """(test accuracy, l2) of a ridge classifier on every training sample, features standardised as for the
+    few-shot solve and the regulariser chosen by leave-one-out: a frozen-feature linear probe in closed form."""
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    mean = train_feats.double().mean(0, keepdim=True)
+    std = train_feats.double().std(0, keepdim=True).clamp_min(1e-6)
+    tr = (train_feats.double() - mean) / std
+    l2 = select_l2(tr, train_labels, num_classes, grid)
+    w = ridge_classifier(tr, train_labels, num_classes, l2)
+    pred = (_design((test_feats.double() - mean) / std) @ w).argmax(1)
+    return float((pred == test_labels).double().mean()), l2
 
 
 def fewshot_accuracy(

@@ -258,4 +258,4 @@ def evaluate(cfg: RunConfig, *, init: InitSpec, final_eval: FinalEval | None = N
     fs, path = get_filesystem(f"{spec.run_url}/{EVALUATION_FILE}", cfg.storage)
     fs.invalidate_cache(path.rsplit("/", 1)[0])
     metrics = json.loads(fs.cat_file(path))
-    return {k: v for k, v in metrics.items() if k.startswith(("final/", "fewshot/"))}
+    return {k: v for k, v in metrics.items() if k.startswith(("final/", "fewshot/", "probe/"))}

@@ -158,7 +158,7 @@ class Evaluator:
         return feats[order], labels[order], getattr(loader.manifest, "name", "") or ""
 
     def fewshot(self, model: torch.nn.Module, pool: str, test: str, *, pool_batches: int | None = None,
-                test_batches: int | None = None, prefix: str | None = None) -> dict[str, float]:
+                test_batches: int | None = None, prefix: str | None = None, probe: bool = False) -> dict[str, float]:
         """Few-shot accuracies (rank 0; {} elsewhere): each rank embeds its share of both sets, rank 0 solves."""
         import math
 
@@ -178,6 +178,11 @@ class Evaluator:
             out[f"{prefix}{k}shot"] = r.mean
             out[f"{prefix}{k}shot_std"] = r.std
             out[f"{prefix}{k}shot_log2_l2"] = math.log2(sorted(r.l2)[len(r.l2) // 2])
+        if probe:  # every pool image labelled: the frozen-feature linear probe
+            from pipeline.eval.fewshot import ridge_probe
+
+            out["probe/top1"], l2 = ridge_probe(tr_x, tr_y, te_x, te_y)
+            out["probe/log2_l2"] = math.log2(l2)
         return out
 
     def fewshot_only(self, model: torch.nn.Module, spec: FewshotEval) -> dict[str, float]:
@@ -185,7 +190,7 @@ class Evaluator:
         bs, world = self.cfg.train.micro_batch, self.world_size
         pool_batches = None if spec.pool_samples is None else -(-spec.pool_samples // (bs * world))
         return self.fewshot(model, spec.pool, spec.test, pool_batches=pool_batches, test_batches=spec.test_batches,
-                            prefix="fewshot/")
+                            prefix="fewshot/", probe=spec.probe)
 
     def final(self, model: torch.nn.Module, step: int, artifacts: bool = True) -> dict[str, float]:
         """The final evaluation of `final_spec` on data.val: metrics final/*; with `artifacts`, rank 0 logs the

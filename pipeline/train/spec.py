@@ -46,6 +46,7 @@ class FewshotEval(BaseModel):
     test: str = Field(..., description="manifest URL of the held-out images")
     pool_samples: int | None = Field(None, gt=0, description="images read from the pool; null = all of it")
     test_batches: int | None = Field(None, gt=0, description="batches of the test set per rank; null = all")
+    probe: bool = Field(False, description="also a ridge probe on the whole pool (probe/top1)")
 
 
 class WorkerSpec(BaseModel):

@@ -47,6 +47,15 @@ class TransferConfig(BaseModel):
     keep_pre_logits: bool = Field(
         False, description="keep the pretraining tanh pre-logits layer (the paper drops it when fine-tuning)"
     )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random = a control: the source's architecture adapted to the task as usual, "
+        "with a seeded random initialisation (train.seed) in place of its weights (from-scratch training; "
+        "random-feature probes)"
+    )
+    fewshot_probe: bool = Field(
+        False, description="fewshot mode: also a ridge probe on every image of the pool (probe/top1; the "
+        "regulariser by leave-one-out)"
+    )
     final_eval_batches: int | None = Field(
         None, gt=0, description="batches of data.val in the final evaluation (accuracy, confusion matrix); "
         "null = the whole split"

@@ -55,6 +55,7 @@ class PreparedTransfer:
             "source.uri": self.source.uri,
             "source.resolution": str(self.source_model.image_size),
             "transfer.mode": self.cfg.transfer.mode,
+            "transfer.init": self.cfg.transfer.init,
         }
 
 
@@ -125,6 +126,13 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     _check_manifest(train_manifest, "train", cfg.data.train, model.num_classes)
     _check_manifest(val_manifest, "val", cfg.data.val, model.num_classes)
     adapted = adapt_state_dict(state_dict, src_model, model)
+    if cfg.transfer.init == "random":  # the control: same architecture and task, none of the source's weights
+        import torch
+
+        from pipeline.model import build_model
+
+        torch.manual_seed(cfg.train.seed)
+        adapted = build_model(model).state_dict()
     init_dir = save_checkpoint(workdir / "init", adapted, model, {"source": version.uri})
     log.info(
         "transfer from %s (version %s, %s at %d px) -> %d classes at %d px, mode %s",
@@ -207,7 +215,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
                 else:
                     fewshot = FewshotEval(pool=cfg.data.train, test=cfg.data.val,
                                           pool_samples=cfg.transfer.fewshot_train_samples,
-                                          test_batches=_per_rank_batches(cfg))
+                                          test_batches=_per_rank_batches(cfg), probe=cfg.transfer.fewshot_probe)
                     metrics = evaluate(train_cfg, fewshot=fewshot, init=init, run=run.ref, address=address)
             finally:
                 remove_dir(init_url, cfg.storage)

@@ -23,14 +23,20 @@ def test_demo_quick_prints_the_summary(tmp_path):
                        cwd=tmp_path, timeout=420, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     out = r.stdout
     assert r.returncode == 0, out[-5000:] + r.stderr[-5000:]
-    for i in range(1, 6):
-        assert f"[demo {i}/5] done in" in out
+    for i in range(1, 7):
+        assert f"[demo {i}/6] done in" in out
     summary = out[out.index("vitpipe demo summary"):]
     rows = {line.split()[1] for line in summary.splitlines() if re.match(r"^\d \w+\s+[\d.]+ s ", line)}
-    assert rows == {"data", "pretrain", "transfer", "scratch", "registry"}, summary
+    assert rows == {"data", "pretrain", "transfer", "scratch", "probe", "registry"}, summary
     assert re.search(r"loss [\d.]+ -> [\d.]+", summary) and "1-shot" in summary, summary
     top1 = re.findall(r"digits top-1 ([\d.]+)%", summary)
     assert len(top1) == 2 and all(0 <= float(a) <= 100 for a in top1), summary
+    # the controls: ridge probes of the pretrained features, the same network at random init, and raw pixels,
+    # and the fine-tune vs scratch gap stated with its sign
+    probe = re.search(r"digits top-1: pretrained ([\d.]+)%  random ([\d.]+)%  pixels ([\d.]+)%", summary)
+    assert probe and all(0 < float(a) <= 100 for a in probe.groups()), summary
+    assert re.search(r"(beats|did NOT beat) training from scratch: [+-][\d.]+ points top-1 on digits \(1 seed", summary)
+    assert re.search(r"pretrained features probe (NOT )?better than raw pixels: [+-][\d.]+ points", summary)
     db = workdir / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000" in summary
     assert re.search(r"then open http://127\.0\.0\.1:5000/#/experiments/\d+\?workflowType=machine_learning", summary)

@@ -135,8 +135,9 @@ def test_fewshot_mode_needs_no_training(pretrained, digits, mlflow_uri, tmp_path
 
     rc = main(_transfer_args(digits, tmp_path / "runs", "transfer.mode=fewshot", "train.fewshot_shots=[1,5]",
                              "transfer.keep_pre_logits=true", "--from", "models:/vit-smoke/1"))
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, out + captured.err
     metrics = json.loads(out[out.index("{"):])["metrics"]
     assert {"fewshot/1shot", "fewshot/5shot", "fewshot/5shot_std", "fewshot/5shot_log2_l2"} <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("fewshot/1shot", "fewshot/5shot", "fewshot/5shot_std"))
