@@ -1,4 +1,5 @@
-"""`vitpipe submit pretrain|transfer|shards|command`: run a job on a Ray cluster via the Job Submission SDK."""
+"""`vitpipe submit pretrain|transfer|transfer-suite|shards|command`: run a job on a Ray cluster via the Job
+Submission SDK."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from pipeline.commands import add_config_args
+from pipeline.commands.transfer import add_suite_args, suite_job_args
 
 from pipeline.commands import reported_cluster_errors as _reported
 
@@ -36,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--from", dest="source", required=True, help="pretrained model: models:/NAME@ALIAS or a path")
     _common(tr)
 
+    ts = ksub.add_parser("transfer-suite", help="python -m jobs.transfer_suite DIR [--from models:/NAME@ALIAS] "
+                         "[--set ...]: the suite's driver as a job; it submits one transfer job per task")
+    add_suite_args(ts)
+    _common(ts)
+
     sh = ksub.add_parser("shards", help="python -m jobs.make_shards ARGS... (arguments after -- are passed through)")
     sh.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments of jobs.make_shards, after --")
     _common(sh)
@@ -43,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmd = ksub.add_parser("command", help="any entrypoint, after --, with the same working dir and environment")
     cmd.add_argument("job_args", nargs=argparse.REMAINDER, help="the entrypoint, after --")
     _common(cmd)
-    for sp in (pre, tr, sh, cmd):
+    for sp in (pre, tr, ts, sh, cmd):
         sp.set_defaults(func=_reported(_submit))
 
 
@@ -57,8 +64,11 @@ def _submit(args: argparse.Namespace) -> int:
         job_args.append("--resume")
     if args.kind == "transfer":
         job_args += ["--from", args.source]
+    if args.kind == "transfer-suite":
+        job_args += suite_job_args(args)
+    configs = [args.folder] if args.kind == "transfer-suite" else getattr(args, "config", []) or []
     sub = S.build_submission(
-        args.kind, getattr(args, "config", []) or [], getattr(args, "overrides", []) or [],
+        args.kind, configs, getattr(args, "overrides", []) or [],
         job_args=job_args, working_dir=args.working_dir,
     )
     address = args.address or S.default_address() or "(none)"

@@ -20,11 +20,14 @@ from typing import Any, Callable, Iterable, TextIO
 __all__ = [
     "PROJECT_DIR", "JOB_MODULES", "FORWARDED_ENV", "WORKING_DIR_EXCLUDES", "Submission", "build_submission",
     "runtime_env_for", "redact", "secret_scrubber", "default_address", "job_client", "submit", "follow", "wait",
-    "TERMINAL", "exit_code", "list_jobs", "job_details", "format_env",
+    "TERMINAL", "exit_code", "list_jobs", "job_details", "format_env", "cluster_address", "SUITE_STOP_GRACE_S",
 ]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-JOB_MODULES = {"pretrain": "jobs.pretrain", "transfer": "jobs.transfer", "shards": "jobs.make_shards"}
+JOB_MODULES = {"pretrain": "jobs.pretrain", "transfer": "jobs.transfer", "shards": "jobs.make_shards",
+               "transfer-suite": "jobs.transfer_suite"}
+# a stopped suite driver only asks its running tasks' jobs to stop (each has its own scaling.stop_grace_s)
+SUITE_STOP_GRACE_S = 60
 # Forwarded from the submitter's environment when set. Names with a _SECRET_WORDS word are redacted on print.
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -78,11 +81,12 @@ def runtime_env_for(
     return runtime_env
 
 
-def _project_path(path: str, project_dir: Path, working_dir: bool) -> str:
-    """A config path as the job will see it: relative to the project root (the job's working dir)."""
+def _project_path(path: str, project_dir: Path, working_dir: bool, folder: bool = False) -> str:
+    """A config path (a suite's folder of configs, with `folder`) as the job will see it: relative to the project
+    root (the job's working dir)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if not (p.is_dir() if folder else p.is_file()):
+        raise FileNotFoundError(f"{'config folder' if folder else 'config file'} not found: {path}")
     resolved = p.resolve()
     try:
         rel = resolved.relative_to(project_dir.resolve())
@@ -126,7 +130,8 @@ def build_submission(
     python: str = "python",
 ) -> Submission:
     """Validates the config locally and builds entrypoint + runtime env. kind: pretrain | transfer | shards
-    (shards passes `job_args` through to `jobs.make_shards`) | command (`job_args` is the whole entrypoint)."""
+    (shards passes `job_args` through to `jobs.make_shards`) | command (`job_args` is the whole entrypoint) |
+    transfer-suite (`configs` is the one folder of task configs; every task is validated)."""
     runtime_env = runtime_env_for(working_dir=working_dir, project_dir=project_dir, environ=environ,
                                   extra_env=extra_env)
     metadata = {"vitpipe_kind": kind}
@@ -152,8 +157,23 @@ def build_submission(
         metadata["run_name"] = str(getattr(cfg, "name", ""))
     elif kind == "shards":
         entrypoint = shlex.join([python, "-m", JOB_MODULES[kind], *configs, *job_args])
+    elif kind == "transfer-suite":
+        from pipeline.transfer.suite import load_suite
+
+        if len(configs) != 1:
+            raise ValueError("submit transfer-suite: give one folder of task configs, e.g. configs/transfer/vtab")
+        cfg = load_suite(configs[0], overrides)
+        folder = _project_path(configs[0], project_dir, working_dir, folder=True)
+        runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] = str(SUITE_STOP_GRACE_S)
+        parts = [python, "-m", JOB_MODULES[kind], folder]
+        if overrides:
+            parts += ["--set", *overrides]
+        if not working_dir:  # its tasks' jobs then run the installed package too
+            parts.append("--no-working-dir")
+        entrypoint = shlex.join([*parts, *job_args])
+        metadata["config"] = folder
     else:
-        raise ValueError(f"unknown job kind {kind!r}: one of pretrain, transfer, shards, command")
+        raise ValueError(f"unknown job kind {kind!r}: one of pretrain, transfer, shards, command, transfer-suite")
     return Submission(entrypoint, runtime_env, metadata, cfg)
 
 
@@ -178,6 +198,17 @@ def default_address(environ: dict[str, str] | None = None) -> str | None:
         if value.startswith(("http://", "https://")):
             return value
     return None
+
+
+def cluster_address(environ: dict[str, str] | None = None) -> str | None:
+    """Inside a Ray job's driver (a suite submitting its tasks' jobs): the dashboard URL of the job's own cluster,
+    looked up from its GCS at $RAY_ADDRESS, which Ray sets for every job's driver. None outside a Ray job."""
+    environ = os.environ if environ is None else environ
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in environ or not environ.get("RAY_ADDRESS"):
+        return None
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    return ray_address_to_api_server_url(environ["RAY_ADDRESS"])
 
 
 def job_client(address: str | None = None):

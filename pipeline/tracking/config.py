@@ -20,6 +20,10 @@ class TrackingConfig(BaseModel):
     )
     experiment: str = "vit-pretrain"
     run_name: str | None = None
+    parent_run_id: str | None = Field(
+        None, description="create the run nested under this MLflow run (tag mlflow.parentRunId); set by "
+        "`vitpipe transfer-suite` for its tasks"
+    )
     artifact_root: str | None = Field(
         None, description="a new experiment stores its artifacts under <artifact_root>/<experiment>; null = the "
         "tracking server's default"

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunRef", "RunStopped", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
-    "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "PARENT_RUN_TAG", "child_runs",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # MLflow 3's UI opens an experiment in its GenAI view unless it is tagged as a model-training experiment
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow nests a run under the run this tag names
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 class RunStopped(Exception):
@@ -246,6 +248,8 @@ class MlflowRun(TrackedRun):
         tags = dict(self.tags)
         if self.resume_id:
             tags["vitpipe.resumed_from"] = self.resume_id
+        if self.tracking.parent_run_id:  # nested under it in the UI (a suite's task under the suite's run)
+            tags[PARENT_RUN_TAG] = self.tracking.parent_run_id
         self.experiment_id = self._experiment_id()
         run = client.create_run(self.experiment_id, run_name=self.name, tags=tags)
         self.run_id = run.info.run_id
@@ -317,3 +321,21 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 
     hist = MlflowClient(tracking_uri).get_metric_history(run_id, key)
     return [(m.step, m.value) for m in sorted(hist, key=lambda m: (m.step, m.timestamp))]
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs nested under `parent_run_id` (tag mlflow.parentRunId, in the parent's experiment), read-only: for
+    each its run_id, name, status, latest metrics and tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs += [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+                  "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in page]
+        token = page.token
+        if not token:
+            return runs

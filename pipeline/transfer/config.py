@@ -4,6 +4,7 @@ the architecture itself comes from the registered checkpoint."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -66,6 +67,10 @@ class TransferConfig(BaseModel):
         None, gt=0, description="fewshot mode: labelled images read from data.train to draw the k shots from; "
         "null = the whole split"
     )
+    group: str | None = Field(
+        None, description="the group a suite reports this task's top-1 under "
+        "(VTAB-1k: natural, specialized, structured; `vitpipe transfer-suite`); null = only in the overall mean"
+    )
 
     @field_validator("source")
     @classmethod
@@ -75,6 +80,14 @@ class TransferConfig(BaseModel):
 
             parse_model_uri(source)
         return source
+
+    @field_validator("group")
+    @classmethod
+    def _metric_name(cls, group: str | None) -> str | None:
+        if group is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", group):
+            raise ValueError("a group names a metric (<suite>/<group>): lowercase letters, digits, '_' and '-', "
+                             "e.g. natural")
+        return group
 
 
 class TransferRunConfig(BaseModel):
