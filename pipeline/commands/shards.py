@@ -1,4 +1,5 @@
-"""`vitpipe shards write|inspect|verify`: turn an image source into tar shards + manifest, look at them, check them."""
+"""`vitpipe shards write|inspect|verify|dedup`: turn an image source into tar shards + manifest, look at them, check
+them, and exclude the near-duplicates of downstream test images from a pretraining set."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import logging
 
-__all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write"]
+__all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write", "run_dedup"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-count", action="store_true", help="skip counting samples (checksums only)")
     add_storage_args(v)
     v.set_defaults(func=_verify)
+    d = ssub.add_parser("dedup", help="find the near-duplicates of downstream test images in a pretraining dataset "
+                        "and write its exclusion list (exclude.json next to the manifest; the loader skips them)")
+    d.add_argument("dataset", help="pretraining dataset: manifest URL (or the folder holding it)")
+    d.add_argument("--against", nargs="+", required=True, metavar="TEST_MANIFEST",
+                   help="downstream test sets (manifest URLs or 'pattern|N'); name them all in one run: a rerun "
+                   "replaces the list")
+    d.add_argument("--threshold", type=int,
+                   help="Hamming distance in bits of the 256-bit pHash (default 32; see pipeline/data/dedup.py)")
+    d.add_argument("--ray", action="store_true", help="hash and scan the shards as Ray tasks (one per shard)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(d)
+    d.set_defaults(func=run_dedup)
 
 
 def run_write(args: argparse.Namespace) -> int:
@@ -112,4 +125,21 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) in {args.dataset}")
         return 1
     print(f"ok  {args.dataset}")
+    return 0
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    from pipeline.data.dedup import DEFAULT_THRESHOLD, dedup
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    out = dedup(args.dataset, args.against, storage_from_args(args), threshold=threshold, use_ray=args.ray,
+                progress=not args.no_progress)
+    for t in out["against"]:
+        print(f"{t['url']}: {t['images']} test images, {t['excluded']} pretraining samples matched"
+              + (f" ({t['unreadable_images']} undecodable test images)" if t["unreadable_images"] else ""))
+    scanned = out["scanned"]
+    print(f"{out['num_excluded']} of {scanned['samples']} samples in {scanned['shards']} shards excluded"
+          + (f" ({scanned['unreadable_images']} undecodable, left to the loader)" if scanned["unreadable_images"]
+             else ""))
+    print(out["url"])
     return 0

@@ -16,6 +16,9 @@ over, with a warning.
 Bad data is skipped and counted, never fatal: an undecodable image or a missing/malformed label skips the sample;
 a truncated tar yields what it had; an unreadable shard (after storage retries) is skipped (`on_error: fail`
 raises instead). A slot left short of samples reads its runs again (a refill pass) so batch counts never change.
+Samples listed in the exclusion list next to the manifest (`exclude.json`, near-duplicates of downstream test images
+found by `vitpipe shards dedup`, pipeline.data.dedup) are dropped before the shuffle buffer and counted once per epoch
+as `excluded_samples`; the slot is refilled the same way.
 
 GPU decoding (`data.decode_device: cuda`): the workers only check each image's header and hand the batch over
 encoded; the loader decodes it on the GPU (torchvision's batched nvJPEG) and augments it there with the same seeded
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 
 from pipeline.data.config import DataConfig, StorageConfig
+from pipeline.data.dedup import load_exclusions
 from pipeline.data.manifest import Manifest, load_dataset_spec
 from pipeline.data.plan import EpochPlan, Segment
 from pipeline.data.shards import iter_tar_samples
@@ -52,7 +56,8 @@ __all__ = ["build_loader", "StreamingLoader", "COUNTER_NAMES"]
 
 log = logging.getLogger(__name__)
 
-COUNTER_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries")
+COUNTER_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries",
+                 "excluded_samples")
 _META = 3  # role, position, batches done; counters follow
 # DataLoader workers are forked where the OS can: a process that was itself spawned (torch.multiprocessing ranks,
 # pipeline.launch.local) would otherwise spawn them too, re-importing torch and the pipeline (seconds) for every
@@ -69,12 +74,12 @@ class _SlotStream(torch.utils.data.IterableDataset):
     this rank's shard runs for the epoch (`segments[role]`, indexing `shards`): O(own shards), not the manifest."""
 
     def __init__(self, *, shards: list[str], offsets: list[int], segments: list[list[Segment]], own: list[int],
-                 batch_size: int, batches_per_slot: int, seed: int, epoch: int, rank: int,
-                 positions: list[int], batches_done: list[int], rotation: int, data: DataConfig,
+                 excluded: list[frozenset[str]], batch_size: int, batches_per_slot: int, seed: int, epoch: int,
+                 rank: int, positions: list[int], batches_done: list[int], rotation: int, data: DataConfig,
                  storage: StorageConfig, image_size: int, in_chans: int, train: bool, label_type: str,
                  num_classes: int | None, defer_decode: bool):
         self.shards, self.segments, self.seed, self.epoch, self.rank = shards, segments, seed, epoch, rank
-        self.offsets, self.own = offsets, own
+        self.offsets, self.own, self.excluded = offsets, own, excluded
         self.workers, self.batch_size, self.batches_per_slot = len(segments), batch_size, batches_per_slot
         self.positions, self.batches_done, self.rotation = positions, batches_done, rotation
         self.data, self.storage = data, storage
@@ -120,10 +125,15 @@ class _SlotStream(torch.utils.data.IterableDataset):
             emitted = 0
             buf: list[dict] = []
             for seg in segs:
+                drop = self.excluded[seg[0]]
                 for sample in self._read_segment(*seg, counters):
                     # the slot's own samples: the first of its run's first pass (the rest are padding repeats)
-                    sample["__own__"] = p == 0 and seq < self.own[role]
+                    own = p == 0 and seq < self.own[role]
                     seq += p == 0
+                    if drop and sample["__key__"] in drop:
+                        counters["excluded_samples"] += own  # once per epoch, not again in refill passes
+                        continue
+                    sample["__own__"] = own
                     if size <= 1:
                         emitted += 1
                         yield sample
@@ -141,7 +151,8 @@ class _SlotStream(torch.utils.data.IterableDataset):
             if emitted == 0:
                 raise RuntimeError(
                     f"rank {self.rank} worker {role}: none of its {len(segs)} shard runs gave a readable sample "
-                    f"({counters['skipped_samples'] - before} skipped); check the shards with `vitpipe shards verify`")
+                    f"({counters['skipped_samples'] - before} skipped, {counters['excluded_samples']} excluded); "
+                    "check the shards with `vitpipe shards verify` and the exclusion list next to the manifest")
 
     # --- decoded samples ----------------------------------------------------------------------------------------
     def _label(self, sample: dict) -> Any:
@@ -242,6 +253,7 @@ class StreamingLoader:
         if manifest.label_type == "multi" and not num_classes:
             raise ValueError(f"multi-label dataset {manifest.url}: num_classes is needed for multi-hot labels")
         self.manifest, self.data, self.storage = manifest, data, storage
+        self.exclusions = load_exclusions(manifest, storage)  # once per loader: one small read, or a miss
         self.batch_size, self.image_size, self.in_chans, self.train = batch_size, image_size, in_chans, train
         self.rank, self.world_size, self.num_classes, self.drop_last = rank, world_size, num_classes, drop_last
         self.pin_memory = pin_memory
@@ -295,6 +307,7 @@ class StreamingLoader:
             "worker_batches": list(self._worker_batches), "counters": self.counters(), "rank": self.rank,
             "world_size": self.world_size, "num_workers": self.data.num_workers, "batch_size": self.batch_size,
             "seed": self.data.seed, "manifest_checksum": self.manifest.checksum,
+            "exclusions_checksum": self.exclusions.sha256 if self.exclusions else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,6 +321,10 @@ class StreamingLoader:
         if state.get("manifest_checksum") != self.manifest.checksum:
             log.warning("loader state was taken on another manifest (%s); resuming anyway",
                         state.get("manifest_checksum"))
+        if state.get("exclusions_checksum") != (self.exclusions.sha256 if self.exclusions else None):
+            log.warning("loader state was taken with another exclusion list (%s, now %s): the resumed stream "
+                        "differs from the one interrupted", state.get("exclusions_checksum"),
+                        self.exclusions.url if self.exclusions else "none")
         if state.get("seed") != self.data.seed:
             log.warning("loader state seed %s differs from data.seed %s", state.get("seed"), self.data.seed)
         if not same:
@@ -333,6 +350,8 @@ class StreamingLoader:
         offsets: list[int] = []
         local: dict[int, int] = {}
         segments = []
+        excluded: list[frozenset[str]] = []
+        drops = self.exclusions.keys if self.exclusions else {}
         starts = np.concatenate([[0], np.cumsum(self.manifest.samples_per_shard)[:-1]])
         for role in range(self.plan.workers):
             run = []
@@ -341,10 +360,11 @@ class StreamingLoader:
                     local[shard] = len(urls)
                     urls.append(self.manifest.shards[shard])
                     offsets.append(int(starts[shard]))
+                    excluded.append(drops.get(shard, frozenset()))
                 run.append((local[shard], skip, take))
             segments.append(run)
         return _SlotStream(
-            shards=urls, offsets=offsets, segments=segments,
+            shards=urls, offsets=offsets, segments=segments, excluded=excluded,
             own=[self.plan.own_samples(self.rank, w) for w in range(self.plan.workers)], batch_size=self.plan.batch_size,
             batches_per_slot=self.plan.batches_per_slot, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
             positions=list(self._positions), batches_done=list(self._worker_batches),
