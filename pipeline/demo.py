@@ -66,7 +66,7 @@ class DemoPlan:
     samples_per_shard: int
     digits_train: int = 1000    # of scikit-learn's 1797 digits; the rest is the test split
     digits_samples_per_shard: int = 250
-    seeds: int = 3              # fine-tune and scratch runs, each with its own train.seed
+    seeds: int = 3              # fine-tune and scratch runs, each with its own train.seed and data.seed (order, crops)
 
 
 PLANS = {
@@ -414,7 +414,8 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
     with stages.stage(f"transfer: {source} -> digits at {tr_cfg.model.image_size} px ({budget}; {plan.seeds} seed(s))"):
         accs = []
         for s in seeds:
-            tr = transfer("transfer", tr_cfg.name + (f"-seed{s}" if s else ""), f"train.seed={s}", register=s == 0)
+            tr = transfer("transfer", tr_cfg.name + (f"-seed{s}" if s else ""), f"train.seed={s}", f"data.seed={s}",
+                          register=s == 0)
             accs.append(tr.metrics["final/top1"])  # the workers' evaluation over the whole test split
             if s == 0:
                 result.transfer = {"run_id": tr.run_id, "registered": f"models:/{tr.registered.name}/"
@@ -426,7 +427,7 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
         accs = []
         for s in seeds:  # the transfer job itself with transfer.init=random: only the starting weights differ
             sc = transfer("scratch", f"{tr_cfg.name}-scratch" + (f"-seed{s}" if s else ""), f"train.seed={s}",
-                          "transfer.init=random", "transfer.plots=false")
+                          f"data.seed={s}", "transfer.init=random", "transfer.plots=false")
             accs.append(sc.metrics["final/top1"])
             if s == 0:
                 result.scratch = {"run_id": sc.run_id}

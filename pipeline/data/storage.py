@@ -108,7 +108,7 @@ def _make_fs(protocol: str, storage: StorageConfig):
         try:
             import gcsfs  # noqa: F401
         except ImportError:
-            raise ValueError("gs:// URLs need the gcsfs package: pip install gcsfs") from None
+            raise ValueError("gs:// URLs need the gcsfs package: pip install 'vitpipe[gcs]' (or gcsfs)") from None
         return fsspec.filesystem("gcs", token="anon" if storage.anon else None, skip_instance_cache=True)
     if protocol in ("file", "local"):
         return fsspec.filesystem("file", auto_mkdir=True)
