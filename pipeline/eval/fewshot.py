@@ -71,6 +71,14 @@ def _targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y
 
 
+def _standardised(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets standardised with the training pool's statistics (its images, not its labels): the closed form is
+    then well conditioned and the l2 grid means the same whatever the feature scale (tanh pre-logits vs. tokens)."""
+    mean = train.double().mean(0, keepdim=True)
+    std = train.double().std(0, keepdim=True).clamp_min(1e-6)
+    return (train.double() - mean) / std, (test.double() - mean) / std
+
+
 def ridge_classifier(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> torch.Tensor:
     """Weights W [D+1, K] minimising |[X 1] W - Y|^2 + l2 |W|^2 with Y in {-1, 1}^K (the bias is the ones column)."""
     x, y = _design(feats), _targets(labels, num_classes)
@@ -132,12 +140,8 @@ def fewshot_results(
     train_labels = train_labels.long()
     test_labels = test_labels.long()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    # Standardise with the training pool's statistics (its images, not its labels): the closed form is then well
-    # conditioned and the l2 grid means the same whatever the feature scale (tanh pre-logits vs. raw tokens).
-    mean = train_feats.double().mean(0, keepdim=True)
-    std = train_feats.double().std(0, keepdim=True).clamp_min(1e-6)
-    tr = (train_feats.double() - mean) / std
-    te1 = _design((test_feats.double() - mean) / std)
+    tr, te = _standardised(train_feats, test_feats)
+    te1 = _design(te)
     out = {}
     for k in shots:
         accs, chosen = [], []
@@ -157,12 +161,10 @@ def ridge_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     few-shot solve and the regulariser chosen by leave-one-out: a frozen-feature linear probe in closed form."""
     train_labels, test_labels = train_labels.long(), test_labels.long()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    mean = train_feats.double().mean(0, keepdim=True)
-    std = train_feats.double().std(0, keepdim=True).clamp_min(1e-6)
-    tr = (train_feats.double() - mean) / std
+    tr, te = _standardised(train_feats, test_feats)
     l2 = select_l2(tr, train_labels, num_classes, grid)
     w = ridge_classifier(tr, train_labels, num_classes, l2)
-    pred = (_design((test_feats.double() - mean) / std) @ w).argmax(1)
+    pred = (_design(te) @ w).argmax(1)
     return float((pred == test_labels).double().mean()), l2
 
 
