@@ -24,7 +24,12 @@ from pipeline.model.flops import forward_flops, param_count
 from pipeline.model.variants import get_variant
 from pipeline.train.throughput import gpu
 
-__all__ = ["Plan", "make_plan", "format_plan", "zero_model_state_bytes"]
+__all__ = ["Plan", "make_plan", "format_plan", "zero_model_state_bytes", "CPU_DECODE_RATE"]
+
+# JPEG decode + train augmentation (RandomResizedCrop to 224, flip) per CPU core, images/s: benchmarks/loader.py's
+# tight loop over 500x375 q90 JPEGs on this project's 2-core x86 machine (934/s). A cluster's cores differ: measure
+# yours with that script and pass --decode-rate.
+CPU_DECODE_RATE = 934.0
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
 
@@ -64,6 +69,8 @@ class Plan:
     micro_batch: int
     bytes_per_sample: float | None
     input_mb_per_s: float | None
+    decode_rate: float = CPU_DECODE_RATE  # images/s one CPU core decodes and augments
+    decode_cores_per_gpu: float = 0.0     # CPU cores per GPU that keep it fed when the workers decode
 
 
 def _activation_bytes(cfg: RunConfig, checkpointed: bool) -> float:
@@ -83,12 +90,15 @@ def make_plan(
     mfu: float = 0.4,
     num_samples: int | None = None,
     bytes_per_sample: float | None = None,
+    decode_rate: float = CPU_DECODE_RATE,
 ) -> Plan:
     """Plans `cfg` on `gpus` accelerators of `gpu_type` running at model-FLOPs utilisation `mfu`."""
     if gpus <= 0:
         raise ValueError(f"--gpus must be positive, got {gpus}")
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if decode_rate <= 0:
+        raise ValueError(f"--decode-rate must be positive (images/s per core), got {decode_rate}")
     try:
         peak = gpu(gpu_type).peak.get("bf16") or gpu(gpu_type).peak["fp16"]  # 16-bit training
     except ValueError as e:
@@ -125,6 +135,8 @@ def make_plan(
         micro_batch=cfg.train.micro_batch,
         bytes_per_sample=bytes_per_sample,
         input_mb_per_s=images_per_s * bytes_per_sample / 1e6 if bytes_per_sample else None,
+        decode_rate=decode_rate,
+        decode_cores_per_gpu=images_per_s / gpus / decode_rate,
     )
 
 
@@ -152,5 +164,9 @@ def format_plan(plan: Plan) -> str:
         f"activations/GPU  {plan.activation_gib:,.2f} GiB at micro-batch {plan.micro_batch} "
         f"({plan.activation_gib_checkpointed:,.2f} GiB with activation checkpointing)",
         f"input bandwidth  {bw}",
+        f"decode (CPU)     {plan.images_per_s / plan.gpus:,.0f} images/s per GPU = {plan.decode_cores_per_gpu:,.1f} "
+        f"cores per GPU at {plan.decode_rate:,.0f} images/s per core (--decode-rate; benchmarks/loader.py measures it)",
+        "decode (GPU)     data.decode_device: cuda leaves the CPUs tar reads and header checks; the batch is decoded "
+        "by nvJPEG on the GPU (its rate: benchmarks/gpu_check.py, not yet measured here)",
     ]
     return "\n".join(lines)

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--num-samples", type=int, default=None, help="dataset size (default: read from the manifest)")
     p.add_argument("--bytes-per-sample", type=float, default=None, help="mean stored bytes per sample")
+    p.add_argument("--decode-rate", type=float, default=None,
+                   help="images/s one CPU core decodes + augments (default: 934, measured by benchmarks/loader.py)")
     p.add_argument("--no-manifest", action="store_true", help="do not read the dataset manifest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
@@ -39,6 +41,7 @@ def _plan(args: argparse.Namespace) -> int:
         mfu=args.mfu,
         num_samples=num_samples,
         bytes_per_sample=bytes_per_sample,
+        **({} if args.decode_rate is None else {"decode_rate": args.decode_rate}),
     )
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

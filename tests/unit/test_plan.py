@@ -80,8 +80,28 @@ def test_plan_cli_prints_the_table(capsys) -> None:
     assert rc == 0 and "exaFLOPs" in out and "ZeRO-3" in out and "MB/s" in out
 
 
+def test_plan_states_the_decode_cores_each_gpu_needs(capsys) -> None:
+    """ViT-B/16 at 40% MFU on an H100: ~3,800 images/s per GPU (989 TFLOP/s x 0.4 / 3 x 35.2 GFLOPs), i.e. ~4 cores
+    at the measured 934 images/s per core, ~8 at half that rate."""
+    from pipeline.config import load_config
+    from pipeline.plan import CPU_DECODE_RATE, make_plan
+
+    cfg = load_config(REPO / "configs/pretrain/vit-b16-jft.yaml")
+    plan = make_plan(cfg, gpus=8, gpu_type="h100", mfu=0.4)
+    per_gpu = plan.images_per_s / 8
+    assert 3_500 < per_gpu < 4_000
+    assert plan.decode_cores_per_gpu == pytest.approx(per_gpu / CPU_DECODE_RATE)
+    slow = make_plan(cfg, gpus=8, gpu_type="h100", mfu=0.4, decode_rate=CPU_DECODE_RATE / 2)
+    assert slow.decode_cores_per_gpu == pytest.approx(2 * plan.decode_cores_per_gpu)
+    rc = main(["plan", str(REPO / "configs/pretrain/vit-b16-jft.yaml"), "--gpus", "8", "--no-manifest",
+               "--decode-rate", "467"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"{slow.decode_cores_per_gpu:,.1f} cores per GPU at 467 images/s per core" in out, out
+    assert "decode (GPU)     data.decode_device: cuda" in out
+
+
 @pytest.mark.parametrize("args, needle", [(["--gpus", "0"], "--gpus"), (["--mfu", "1.5"], "--mfu"),
-                                          (["--gpu-type", "tpu"], "gpu-type")])
+                                          (["--gpu-type", "tpu"], "gpu-type"), (["--decode-rate", "0"], "decode-rate")])
 def test_plan_rejects_bad_arguments(args, needle, capsys) -> None:
     rc = main(["plan", str(REPO / "configs/pretrain/vit-b16-jft.yaml"), "--no-manifest", *args])
     assert rc == 2 and needle in capsys.readouterr().err
