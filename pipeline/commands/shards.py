@@ -44,6 +44,9 @@ def add_write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-names", help="comma-separated class names (default: folder names / label values)")
     p.add_argument("--ray", action="store_true", help="write shards in parallel as Ray tasks")
     p.add_argument("--ray-tasks", type=int, help="number of Ray tasks (default: 2 x cluster CPUs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard what DEST holds (a manifest, an interrupted write's records) and write afresh; "
+                   "without it an interrupted write is resumed and a complete one left as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_storage_args(p)
 
@@ -51,7 +54,8 @@ def add_write_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write, inspect and verify WebDataset tar shards")
     ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
-    w = ssub.add_parser("write", help="write a source as tar shards + manifest.json (written last, atomically)")
+    w = ssub.add_parser("write", help="write a source as tar shards + manifest.json (written last, atomically); "
+                        "run again with the same arguments, it resumes an interrupted write")
     add_write_args(w)
     w.set_defaults(func=run_write)
     i = ssub.add_parser("inspect", help="summarise a dataset (manifest URL or 'pattern|N') and show a few samples")
@@ -89,7 +93,8 @@ def run_write(args: argparse.Namespace) -> int:
                            raw_format=args.raw_format)
     url = write_shards(source, args.dest, name=args.name, split=args.split, prefix=args.prefix,
                        samples_per_shard=args.samples_per_shard, shard_bytes=int(args.shard_bytes), encode=encode,
-                       storage=storage, use_ray=args.ray, ray_tasks=args.ray_tasks, progress=not args.no_progress)
+                       storage=storage, use_ray=args.ray, ray_tasks=args.ray_tasks, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     print(url)
     return 0
 

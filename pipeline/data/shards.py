@@ -1,5 +1,9 @@
 """WebDataset tar shards: writing them from a source (sequentially or as Ray tasks) with a manifest written last,
-reading samples back out of a tar stream, and verifying shards against their manifest.
+resuming an interrupted write, reading samples back out of a tar stream, and verifying shards against their manifest.
+
+Resuming: while a write is under way, `{dest}/.progress/` holds the plan (what defines the shards) and one record per
+finished shard (its size and sha256, written after the shard itself); a rerun keeps the shards whose stored bytes
+match their record and writes the others. The records go once the manifest is written.
 
 Layout of one sample (WebDataset convention): `KEY.jpg|png|...` (the image: original bytes passed through, or
 re-encoded as JPEG when `max_side`/`reencode` ask for it; raw uint8 pixels such as IDX digits become lossless PNG),
@@ -32,6 +36,8 @@ __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samp
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 1_000_000_000
+PROGRESS_DIR = ".progress"  # {dest}/.progress/: plan.json + one record per finished shard, while a write is under way
+PROGRESS_FORMAT = "vitpipe-shards-progress/1"
 
 
 @dataclass
@@ -113,13 +119,45 @@ def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _write_one_shard(source: Source, start: int, stop: int, url: str, opts: EncodeOptions,
-                     storage: StorageConfig, progress=None) -> dict[str, Any]:
-    """Writes source items [start, stop) as one tar shard at `url`; undecodable items are skipped and counted."""
+def _record_url(dest: str, shard: str) -> str:
+    return url_join(dest, f"{PROGRESS_DIR}/{shard}.json")
+
+
+def _put_atomic(url: str, blob: bytes, storage: StorageConfig) -> None:
+    """One PUT on object stores (an object appears whole or not at all), write-then-rename on local disks."""
+    fs, path = get_filesystem(url, storage)
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = path + ".tmp"
+        fs.pipe_file(tmp, blob)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, blob)
+
+
+def _read_json(url: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """The JSON object at `url`, or None when there is none."""
+    fs, path = get_filesystem(url, storage)
+    try:
+        blob = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(blob)
+    except ValueError:
+        raise ValueError(f"{url} is not valid JSON; delete it (or pass --overwrite) and write again") from None
+    return data if isinstance(data, dict) else None
+
+
+def _write_one_shard(source: Source, start: int, stop: int, dest: str, shard: str, opts: EncodeOptions,
+                     storage: StorageConfig, plan_id: str, progress=None) -> dict[str, Any]:
+    """Writes source items [start, stop) as the tar shard `{dest}/{shard}` (undecodable items are skipped and
+    counted), then its progress record: a shard without a record is incomplete and a resumed write redoes it."""
     import webdataset as wds
 
     written = skipped = 0
-    sink = _HashingWriter(open_url(url, "wb", storage))
+    sink = _HashingWriter(open_url(url_join(dest, shard), "wb", storage))
     try:
         with wds.TarWriter(sink, encoder=False, mtime=0) as tw:
             for i in range(start, stop):
@@ -135,14 +173,51 @@ def _write_one_shard(source: Source, start: int, stop: int, url: str, opts: Enco
                     progress.update(1)
     finally:
         sink.close()
-    return {"url": url.rsplit("/", 1)[-1], "samples": written, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
+    info = {"url": shard, "samples": written, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
             "skipped": skipped}
+    # Only after close(): on S3 that is when the object exists (object stores have no rename to commit with).
+    _put_atomic(_record_url(dest, shard), json.dumps({**info, "start": start, "stop": stop, "plan": plan_id}).encode(),
+                storage)
+    return info
 
 
 def _write_shard_range(source: Source, shard_ids: list[int], bounds: list[tuple[int, int]], dest: str, prefix: str,
-                       opts: EncodeOptions, storage: StorageConfig) -> list[dict[str, Any]]:
-    return [_write_one_shard(source, a, b, url_join(dest, _shard_name(prefix, s)), opts, storage)
+                       opts: EncodeOptions, storage: StorageConfig, plan_id: str) -> list[dict[str, Any]]:
+    return [_write_one_shard(source, a, b, dest, _shard_name(prefix, s), opts, storage, plan_id)
             for s, (a, b) in zip(shard_ids, bounds)]
+
+
+def _stream_sha256(url: str, storage: StorageConfig) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with open_url(url, "rb", storage) as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _check_shard(dest: str, record: dict[str, Any], storage: StorageConfig) -> str | None:
+    """None when the stored shard is the one its progress record describes (size, then sha256 of its bytes), else
+    what is wrong with it."""
+    url = url_join(dest, record["url"])
+    fs, path = get_filesystem(url, storage)
+    try:
+        size = fs.size(path)
+        if size == record["bytes"]:
+            size, digest = _stream_sha256(url, storage)
+    except FileNotFoundError:
+        return f"{url}: missing"
+    except Exception as e:
+        return f"{url}: unreadable ({type(e).__name__}: {e})"
+    if size != record["bytes"]:
+        return f"{url}: {size} bytes, recorded {record['bytes']}"
+    if digest != record["sha256"]:
+        return f"{url}: sha256 {digest[:12]}..., recorded {record['sha256'][:12]}..."
+    return None
+
+
+def _check_shards(dest: str, records: list[dict[str, Any]], storage: StorageConfig) -> list[str | None]:
+    return [_check_shard(dest, r, storage) for r in records]
 
 
 def _tar_bytes(sample: dict[str, Any]) -> int:
@@ -166,28 +241,134 @@ def _estimate_samples_per_shard(source: Source, opts: EncodeOptions, shard_bytes
 def write_manifest(dest: str, manifest: dict[str, Any], storage: StorageConfig) -> str:
     """Writes manifest.json atomically: one PUT on object stores, write-then-rename on local disks."""
     url = url_join(dest, MANIFEST_NAME)
-    blob = json.dumps(manifest, indent=1).encode()
-    fs, path = get_filesystem(url, storage)
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        tmp = path + ".tmp"
-        fs.pipe_file(tmp, blob)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, blob)
+    _put_atomic(url, json.dumps(manifest, indent=1).encode(), storage)
     return url
+
+
+# What defines the shards' content (and the manifest's), with the option that sets each: a resumed write must agree
+# on all of them with the interrupted one, and a complete dataset's manifest records them under "writer".
+_PLAN_OPTIONS = {
+    "source": "SOURCE", "source_items": "SOURCE (item count)", "label_type": "SOURCE (label type)",
+    "class_names": "--class-names", "samples_per_shard": "--samples-per-shard",
+    "shard_bytes": "--shard-bytes (the derived samples per shard)",
+    "encode": "--max-side/--quality/--reencode/--raw-format",
+    "prefix": "--prefix", "name": "--name", "split": "--split",
+}
+
+
+def _plan_of_manifest(raw: dict[str, Any]) -> dict[str, Any]:
+    w = raw.get("writer") or {}
+    return {"source": w.get("source"), "source_items": w.get("source_items"), "label_type": raw.get("label_type"),
+            "class_names": raw.get("class_names"), "samples_per_shard": w.get("samples_per_shard"),
+            "shard_bytes": w.get("shard_bytes"), "encode": w.get("encode"), "prefix": w.get("prefix"),
+            "name": raw.get("name"), "split": raw.get("split")}
+
+
+def _plan_mismatch(recorded: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    def show(v: Any) -> str:
+        text = "(not given)" if v is None else json.dumps(v, sort_keys=True)
+        return text if len(text) <= 100 else text[:97] + "..."
+
+    return [f"{_PLAN_OPTIONS[k]}: recorded {show(recorded.get(k))}, now {show(v)}"
+            for k, v in plan.items() if recorded.get(k) != v]
+
+
+def _discard_progress(dest: str, storage: StorageConfig) -> None:
+    fs, path = get_filesystem(url_join(dest, PROGRESS_DIR), storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as e:  # left over it is harmless: a rerun finds the manifest and does nothing
+        log.warning("could not remove the progress records %s: %s: %s", url_join(dest, PROGRESS_DIR),
+                    type(e).__name__, e)
+
+
+def _read_records(dest: str, storage: StorageConfig, plan_id: str,
+                  bounds: list[tuple[int, int]], prefix: str) -> dict[int, dict[str, Any]]:
+    """shard index -> its progress record, for the records of this plan (others are ignored: the shard is redone)."""
+    fs, path = get_filesystem(url_join(dest, PROGRESS_DIR), storage)
+    fs.invalidate_cache()
+    try:
+        found = [p for p in fs.find(path) if p.endswith(".tar.json")]
+    except FileNotFoundError:
+        found = []
+    if not found:
+        return {}
+    index = {_shard_name(prefix, s): s for s in range(len(bounds))}
+    records = {}
+    for p, blob in fs.cat(found, on_error="omit").items():
+        try:
+            r = json.loads(blob)
+            s = index.get(r["url"])
+            if s is not None and r["plan"] == plan_id and (r["start"], r["stop"]) == bounds[s]:
+                records[s] = r
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable progress record %s", p)
+    return records
+
+
+def _settle_plan(source: Source, dest: str, *, name: str, split: str, prefix: str, samples_per_shard: int | None,
+                 shard_bytes: int, encode: EncodeOptions, storage: StorageConfig,
+                 overwrite: bool) -> dict[str, Any] | None:
+    """The plan of this write (what defines its shards), checked against what `dest` already holds: None when that
+    is a complete dataset of the same plan (nothing to do); ValueError, before anything is written, when it is a
+    dataset or an interrupted write of another plan. A fresh plan is recorded as `.progress/plan.json`."""
+    manifest_url, plan_url = url_join(dest, MANIFEST_NAME), url_join(dest, f"{PROGRESS_DIR}/plan.json")
+    if overwrite:
+        fs, path = get_filesystem(manifest_url, storage)
+        if fs.exists(path):  # first: a manifest must never describe shards that are being replaced
+            fs.rm_file(path)
+        _discard_progress(dest, storage)
+    existing = _read_json(manifest_url, storage)
+    recorded = _read_json(plan_url, storage)
+    if recorded is not None:
+        recorded.pop("format", None)
+    earlier = _plan_of_manifest(existing) if existing is not None else recorded
+    if samples_per_shard is not None:
+        spc, sized_by = samples_per_shard, None
+    elif earlier is not None and earlier.get("shard_bytes") == shard_bytes and earlier.get("samples_per_shard"):
+        spc, sized_by = int(earlier["samples_per_shard"]), shard_bytes  # the earlier probe's answer: same bounds
+    else:
+        spc, sized_by = _estimate_samples_per_shard(source, encode, shard_bytes), shard_bytes
+    plan = json.loads(json.dumps({  # as it reads back from JSON, to compare with a recorded one
+        "source": source.describe(), "source_items": len(source), "label_type": source.label_type,
+        "class_names": source.class_names, "samples_per_shard": spc, "shard_bytes": sized_by,
+        "encode": asdict(encode), "prefix": prefix, "name": name, "split": split}))
+    if existing is not None:
+        diff = _plan_mismatch(earlier, plan)
+        if diff:
+            raise ValueError(f"{manifest_url} already describes a dataset written with other arguments ("
+                             + "; ".join(diff) + "). Write to another folder, or pass --overwrite to replace it")
+        log.info("%s is complete and was written with these arguments: nothing to do (`vitpipe shards verify` "
+                 "re-checks its shards)", manifest_url)
+        _discard_progress(dest, storage)  # left over if the writer stopped right after the manifest
+        return None
+    if recorded is None:
+        _put_atomic(plan_url, json.dumps({"format": PROGRESS_FORMAT, **plan}, indent=1).encode(), storage)
+        return plan
+    diff = _plan_mismatch(recorded, plan)
+    if diff:
+        raise ValueError(f"{dest} holds an interrupted write with other arguments (" + "; ".join(diff)
+                         + "). Re-run with the recorded arguments to resume it, or pass --overwrite to discard it and "
+                         f"start over (or delete {dest})")
+    return plan
 
 
 def write_shards(source: Source, dest: str, *, name: str = "dataset", split: str = "train", prefix: str | None = None,
                  samples_per_shard: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  encode: EncodeOptions | None = None, storage: StorageConfig | None = None, use_ray: bool = False,
-                 ray_tasks: int | None = None, progress: bool = True) -> str:
+                 ray_tasks: int | None = None, progress: bool = True, overwrite: bool = False) -> str:
     """Writes `source` as tar shards `{dest}/{prefix}-NNNNNN.tar` plus `{dest}/manifest.json` (last, atomically).
 
     Shard size is by sample count, or by bytes (`shard_bytes`, default ~1 GB: the count is derived from the mean
     encoded size of a probe of 32 items, so shards come out near, not exactly at, that size). With `use_ray`, groups
     of shards are written by Ray tasks (the caller's Ray cluster; ray.init() if none). Returns the manifest URL.
+
+    Resumable: each finished shard leaves a record (size, sha256) under `{dest}/.progress/`, next to the run's plan.
+    Called again after a crash with the same arguments, it keeps the recorded shards whose stored bytes still match,
+    writes the rest, then the manifest, and removes `.progress/`. Different arguments are refused before anything
+    is written, as is a complete dataset written with different arguments (a matching one is left as it is);
+    `overwrite=True` discards both and starts over.
     """
     storage = storage or StorageConfig()
     encode = encode or EncodeOptions()
@@ -197,58 +378,110 @@ def write_shards(source: Source, dest: str, *, name: str = "dataset", split: str
         raise ValueError(f"source {source.describe()} has no samples")
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    spc = samples_per_shard or _estimate_samples_per_shard(source, encode, shard_bytes)
+    plan = _settle_plan(source, dest, name=name, split=split, prefix=prefix, samples_per_shard=samples_per_shard,
+                        shard_bytes=shard_bytes, encode=encode, storage=storage, overwrite=overwrite)
+    if plan is None:
+        return url_join(dest, MANIFEST_NAME)
+    spc = plan["samples_per_shard"]
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
     num_shards = math.ceil(n / spc)
     bounds = [(s * spc, min(n, (s + 1) * spc)) for s in range(num_shards)]
-    log.info("writing %d samples as %d shards of <= %d samples to %s", n, num_shards, spc, dest)
+    records = _read_records(dest, storage, plan_id, bounds, prefix)
+    shards = _verify_recorded(records, dest, storage, use_ray, ray_tasks, progress)
+    reused = len(shards)
+    todo = [s for s in range(num_shards) if s not in shards]
+    if records:
+        log.info("resuming %s: %d recorded shards verified and kept, %d rewritten (damaged), %d to write", dest,
+                 reused, len(records) - reused, len(todo))
+    todo_samples = sum(bounds[s][1] - bounds[s][0] for s in todo)
+    log.info("writing %d samples as %d shards of <= %d samples to %s", todo_samples, len(todo), spc, dest)
 
     from tqdm.auto import tqdm
 
-    if use_ray:
-        shards = _write_with_ray(source, bounds, dest, prefix, encode, storage, ray_tasks, progress)
-    else:
-        shards = []
-        with tqdm(total=n, unit="img", desc=f"shards -> {dest}", disable=not progress) as bar:
-            for s, (a, b) in enumerate(bounds):
-                shards.append(_write_one_shard(source, a, b, url_join(dest, _shard_name(prefix, s)), encode, storage,
-                                               bar))
-    skipped = sum(s.pop("skipped") for s in shards)
+    if use_ray and todo:
+        shards.update(_write_with_ray(source, todo, bounds, dest, prefix, encode, storage, plan_id, ray_tasks,
+                                      progress))
+    elif todo:
+        with tqdm(total=todo_samples, unit="img", desc=f"shards -> {dest}", disable=not progress) as bar:
+            for s in todo:
+                a, b = bounds[s]
+                shards[s] = _write_one_shard(source, a, b, dest, _shard_name(prefix, s), encode, storage, plan_id,
+                                             bar)
+    infos = [{k: shards[s][k] for k in ("url", "samples", "bytes", "sha256")} for s in range(num_shards)]
     manifest = {
         "format": MANIFEST_FORMAT, "name": name, "split": split,
-        "num_samples": sum(s["samples"] for s in shards), "num_shards": len(shards),
+        "num_samples": sum(s["samples"] for s in infos), "num_shards": num_shards,
         "num_classes": len(source.class_names) if source.class_names is not None else None,
         "class_names": source.class_names, "label_type": source.label_type,
-        "shards": shards, "skipped_source_items": skipped,
-        "writer": {"source": source.describe(), "samples_per_shard": spc, "shard_bytes": shard_bytes,
-                   "encode": asdict(encode), "prefix": prefix, "ray": use_ray},
+        "shards": infos, "skipped_source_items": sum(shards[s]["skipped"] for s in range(num_shards)),
+        "writer": {**{k: plan[k] for k in ("source", "source_items", "samples_per_shard", "shard_bytes", "encode",
+                                           "prefix")}, "ray": use_ray},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return write_manifest(dest, manifest, storage)
+    url = write_manifest(dest, manifest, storage)
+    log.info("%s: %d shards reused, %d written", url, reused, len(todo))
+    _discard_progress(dest, storage)
+    return url
 
 
-def _write_with_ray(source, bounds, dest, prefix, encode, storage, ray_tasks, progress) -> list[dict[str, Any]]:
+def _verify_recorded(records: dict[int, dict[str, Any]], dest: str, storage: StorageConfig, use_ray: bool,
+                     ray_tasks: int | None, progress: bool) -> dict[int, dict[str, Any]]:
+    """The recorded shards whose stored bytes match their record (re-read in full: a shard cut short or altered
+    since is redone). Checked by Ray tasks with `use_ray` (the bytes are read where they are cheapest to read)."""
+    if not records:
+        return {}
+    ids = sorted(records)
+    if use_ray:
+        problems = _ray_map(_check_shards, ids, lambda g: (dest, [records[s] for s in g], storage), ray_tasks,
+                            f"verify {dest} (ray)", progress)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: a few streams at once hide the latency
+            problems = dict(zip(ids, pool.map(lambda s: _check_shard(dest, records[s], storage), ids)))
+    for s in ids:
+        if problems[s] is not None:
+            log.warning("recorded shard will be rewritten: %s", problems[s])
+    return {s: records[s] for s in ids if problems[s] is None}
+
+
+def _ray():
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: stay on 127.0.0.1
     import ray
-    from tqdm.auto import tqdm
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    tasks = ray_tasks or max(1, min(len(bounds), int(ray.available_resources().get("CPU", 1)) * 2))
-    groups = [list(range(len(bounds)))[g::tasks] for g in range(tasks)]
-    groups = [g for g in groups if g]
-    remote = ray.remote(_write_shard_range)
-    source_ref = ray.put(source)
-    pending = {remote.remote(source_ref, g, [bounds[s] for s in g], dest, prefix, encode, storage): g for g in groups}
-    results: dict[int, dict[str, Any]] = {}
-    with tqdm(total=len(bounds), unit="shard", desc=f"shards -> {dest} (ray)", disable=not progress) as bar:
+    return ray
+
+
+def _ray_map(fn, ids: list[int], task_args, ray_tasks: int | None, desc: str, progress: bool) -> dict[int, Any]:
+    """Runs `fn(*task_args(group))` as one Ray task per group of `ids` (strided: even shares); each returns one
+    result per id of its group. Returns id -> result."""
+    ray = _ray()
+    from tqdm.auto import tqdm
+
+    tasks = ray_tasks or max(1, min(len(ids), int(ray.available_resources().get("CPU", 1)) * 2))
+    remote = ray.remote(fn)
+    pending = {remote.remote(*task_args(g)): g for g in (ids[k::tasks] for k in range(tasks)) if g}
+    results: dict[int, Any] = {}
+    with tqdm(total=len(ids), unit="shard", desc=desc, disable=not progress) as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                for s, info in zip(pending.pop(ref), ray.get(ref)):
-                    results[s] = info
+                for s, result in zip(pending.pop(ref), ray.get(ref)):
+                    results[s] = result
                     bar.update(1)
-    return [results[s] for s in range(len(bounds))]
+    return results
+
+
+def _write_with_ray(source, todo, bounds, dest, prefix, encode, storage, plan_id, ray_tasks,
+                    progress) -> dict[int, dict[str, Any]]:
+    source_ref = _ray().put(source)
+    return _ray_map(_write_shard_range, todo,
+                    lambda g: (source_ref, g, [bounds[s] for s in g], dest, prefix, encode, storage, plan_id),
+                    ray_tasks, f"shards -> {dest} (ray)", progress)
 
 
 def write_array_shards(images: np.ndarray, labels: Any, dest_url: str, *, name: str = "arrays", split: str = "train",

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.data.config import AugmentConfig
 from pipeline.data.manifest import load_dataset_spec
 from pipeline.data.shards import EncodeOptions, iter_tar_samples, verify_shards, write_array_shards, write_shards
-from pipeline.data.sources import ImageFolderSource, open_source, read_idx
+from pipeline.data.sources import ArraySource, ImageFolderSource, open_source, read_idx
 from pipeline.data.transforms import build_transform, decode_image, normalize
 
 
@@ -149,3 +149,82 @@ def test_decode_and_transforms():
     assert torch.allclose(y[0, 0], torch.full((4, 4), -0.485 / 0.229))
     with pytest.raises(ValueError):
         AugmentConfig(scale=(0.5, 0.1))
+
+
+class _Interrupted(ArraySource):
+    """The same items as ArraySource, but the writer is stopped (as by Ctrl-C) when it reaches item `stop_at`."""
+
+    def __init__(self, *args, stop_at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_at = stop_at
+
+    def item(self, i: int):
+        if i == self.stop_at:
+            raise KeyboardInterrupt
+        return super().item(i)
+
+
+def _content(url: str) -> dict:
+    raw = json.loads(open(url).read())
+    raw.pop("created")
+    return raw
+
+
+def test_interrupted_write_resumes_keeping_intact_shards_and_redoing_damaged_ones(tmp_path, caplog):
+    images = np.random.default_rng(0).integers(0, 256, (23, 12, 12), dtype=np.uint8)
+    labels = np.arange(23) % 4
+    reference = write_array_shards(images, labels, str(tmp_path / "ref"), samples_per_shard=4)
+    dest = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_Interrupted(images, labels, stop_at=14), str(dest), name="arrays", samples_per_shard=4,
+                     encode=EncodeOptions(raw_format="png"), progress=False)
+    assert not (dest / "manifest.json").exists()
+    records = sorted(p.name for p in (dest / ".progress").iterdir())
+    assert records == ["plan.json", "train-000000.tar.json", "train-000001.tar.json", "train-000002.tar.json"]
+    assert (dest / "train-000003.tar").exists()  # the shard being written when stopped: no record, so redone
+    kept = {n: (dest / n).stat().st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")}
+    damaged = dest / "train-000002.tar"
+    damaged.write_bytes(damaged.read_bytes()[:-1024])  # cut short after its record was written
+
+    with pytest.raises(ValueError, match=r"interrupted write with other arguments \(--samples-per-shard: "
+                                         r"recorded 4, now 5\).*--overwrite"):
+        write_shards(ArraySource(images, labels), str(dest), name="arrays", samples_per_shard=5, progress=False)
+    assert sorted(p.name for p in (dest / ".progress").iterdir()) == records  # refused before writing anything
+
+    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+        url = write_shards(ArraySource(images, labels), str(dest), name="arrays", samples_per_shard=4,
+                           progress=False)
+    assert "2 recorded shards verified and kept, 1 rewritten (damaged), 4 to write" in caplog.text
+    assert "train-000002.tar: " in caplog.text and "2 shards reused, 4 written" in caplog.text
+    assert {n: (dest / n).stat().st_mtime_ns for n in kept} == kept
+    assert _content(url) == _content(reference)
+    assert not (dest / ".progress").exists() and verify_shards(url) == []
+
+
+def test_complete_dataset_is_left_alone_or_refused_or_overwritten(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            (root / c / f"{i}.jpg").write_bytes(_jpeg(40, 30, i))
+    source = ImageFolderSource(str(root))
+    url = write_shards(source, str(tmp_path / "out"), shard_bytes=9_000, progress=False)
+    manifest = tmp_path / "out" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+
+    import pipeline.data.shards as shards
+
+    def no_probe(*_a, **_k):
+        raise AssertionError("the samples per shard of the earlier write must be reused, not probed again")
+
+    monkeypatch.setattr(shards, "_estimate_samples_per_shard", no_probe)
+    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+        assert write_shards(source, str(tmp_path / "out"), shard_bytes=9_000, progress=False) == url
+    assert "nothing to do" in caplog.text and manifest.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match=r"already describes a dataset written with other arguments "
+                                         r"\(--max-side/--quality/--reencode/--raw-format: .*--overwrite"):
+        write_shards(source, str(tmp_path / "out"), shard_bytes=9_000, encode=EncodeOptions(quality=50),
+                     progress=False)
+    monkeypatch.undo()
+    url = write_shards(source, str(tmp_path / "out"), samples_per_shard=3, overwrite=True, progress=False)
+    assert load_dataset_spec(url).samples_per_shard == [3, 3, 3, 1] and verify_shards(url) == []
