@@ -25,7 +25,7 @@ from pipeline.launch.stop import install_worker_handler, termination_requested, 
 from pipeline.tracking.run import RunRef
 from pipeline.launch.trainer import FitResult, finish_fit
 from pipeline.launch.trainer import run_url as default_run_url
-from pipeline.train.checkpoint import checkpoint_dir_name, fetch_checkpoint, find_latest_complete
+from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, fetch_intact
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.loop import run_evaluation, run_training
 from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
@@ -58,13 +58,11 @@ def storage_report(spec: WorkerSpec) -> Callable[[dict, "str | None", int], None
 
 @contextlib.contextmanager
 def restore_from_storage(spec: WorkerSpec) -> Iterator[str | None]:
-    """A local copy of the run's newest committed checkpoint, or None for a fresh start."""
-    latest = find_latest_complete(spec.run_url, spec.config.storage)
-    if latest is None:
-        yield None
-        return
-    with fetch_checkpoint(latest, spec.config.storage) as local:
-        yield local
+    """A local copy of the run's newest committed checkpoint whose files match their commit markers (a damaged
+    one is skipped for the previous one, with a warning), or None for a fresh start. Every rank calls this; they
+    agree on the checkpoint (pipeline.train.checkpoint.fetch_intact)."""
+    with fetch_intact(spec.run_url, spec.config.storage, agree=every_rank) as found:
+        yield found[1] if found is not None else None
 
 
 def run_rank(spec: WorkerSpec, rank: int, world_size: int) -> dict[str, Any]:

@@ -194,11 +194,17 @@ def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
 
 
 def _export_final(cfg: RunConfig, checkpoint: str, url: str) -> str:
-    """Consolidates the committed ZeRO checkpoint at `checkpoint` into the model format at `<url>/final`."""
-    from pipeline.train.checkpoint import export_final, fetch_checkpoint, read_train_state, upload_dir
+    """Consolidates the committed ZeRO checkpoint at `checkpoint` into the model format at `<url>/final`, after
+    checking its files against their commit markers (a damaged one is never exported: it is the final step's)."""
+    from pipeline.train.checkpoint import (DamagedCheckpointError, export_final, fetch_checkpoint, read_train_state,
+                                           upload_dir, verify_checkpoint)
 
     final_url = url + "/final"
     with fetch_checkpoint(checkpoint, cfg.storage) as local, tempfile.TemporaryDirectory(prefix="vitpipe-final-") as tmp:
+        damaged = verify_checkpoint(local)
+        if damaged:
+            raise DamagedCheckpointError(f"final checkpoint {checkpoint} is damaged ({'; '.join(damaged)}): resume "
+                                         f"the run, which retrains from its newest intact checkpoint and rewrites it")
         state = read_train_state(local, 0)
         export_final(local, state["model"], tmp, extra={"name": cfg.name, "run_url": url})
         upload_dir(tmp, final_url, cfg.storage)

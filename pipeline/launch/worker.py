@@ -32,35 +32,27 @@ def _report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
 def restore_point(spec: WorkerSpec) -> Iterator[str | None]:
     """A local directory holding the checkpoint to continue from, or None for a fresh start.
 
-    Ray's latest checkpoint is the newest one its controller registered; a group that dies right after a report
-    can lose that registration although the checkpoint is committed in storage. The commit markers in storage
-    are the authority: resume from whichever of the two is newer, never from an uncommitted one."""
+    The commit markers in storage are the authority, not Ray's latest checkpoint (the newest one its controller
+    registered: a group that dies right after a report can lose that registration although the checkpoint is
+    committed, and a registered one can be uncommitted). Ray's checkpoints live in the same run folder, so the
+    newest committed checkpoint whose files match their markers is the restore point; a damaged one is skipped
+    for the previous one with a warning (pipeline.train.checkpoint.fetch_intact). Every rank calls this and all
+    of them agree on the same checkpoint."""
     import ray.train
 
-    from pipeline.train.checkpoint import fetch_checkpoint, find_latest_complete, is_complete, step_of
+    from pipeline.train.checkpoint import every_rank, fetch_intact, step_of
 
-    storage = spec.config.storage
     restored = ray.train.get_checkpoint()
     ray_step = step_of(restored.path) if restored is not None else -1
-    stored = find_latest_complete(spec.run_url, storage)
-    stored_step = step_of(stored) if stored else -1
-    if stored is not None and stored_step > ray_step:
-        if restored is not None:
-            log.warning("resuming from committed checkpoint %s (Ray's latest: step %d)", stored, ray_step)
-        with fetch_checkpoint(stored, storage) as local:
-            yield local
-        return
-    if restored is None:
-        yield None
-        return
-    with restored.as_directory() as local:
-        if is_complete(local):
-            yield local
+    with fetch_intact(spec.run_url, spec.config.storage, agree=every_rank) as found:
+        if found is None:
+            if restored is not None:
+                raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
+            yield None
             return
-    if stored is None:
-        raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
-    log.warning("checkpoint %s is incomplete; resuming from %s", restored.path, stored)
-    with fetch_checkpoint(stored, storage) as local:
+        url, local = found
+        if restored is not None and step_of(url) != ray_step:
+            log.warning("resuming from committed checkpoint %s (Ray's latest: step %d)", url, ray_step)
         yield local
 
 
