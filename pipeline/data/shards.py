@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, load_dataset_spec
 from pipeline.data.sources import ArraySource, Source, SourceItem, json_bytes, png_bytes
-from pipeline.data.storage import get_filesystem, open_url, url_join
+from pipeline.data.storage import HashingWriter, digest, get_filesystem, open_url, url_join
 
 __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samples", "verify_shards",
            "encode_item", "DEFAULT_SHARD_BYTES"]
@@ -97,24 +97,6 @@ def _sample_dict(item: SourceItem, opts: EncodeOptions, label_type: str) -> dict
     return sample
 
 
-class _HashingWriter:
-    """Passes bytes through to the destination stream while counting and hashing them (no local copy)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
 def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
@@ -157,7 +139,7 @@ def _write_one_shard(source: Source, start: int, stop: int, dest: str, shard: st
     import webdataset as wds
 
     written = skipped = 0
-    sink = _HashingWriter(open_url(url_join(dest, shard), "wb", storage))
+    sink = HashingWriter(open_url(url_join(dest, shard), "wb", storage))
     try:
         with wds.TarWriter(sink, encoder=False, mtime=0) as tw:
             for i in range(start, stop):
@@ -173,7 +155,7 @@ def _write_one_shard(source: Source, start: int, stop: int, dest: str, shard: st
                     progress.update(1)
     finally:
         sink.close()
-    info = {"url": shard, "samples": written, "bytes": sink.bytes, "sha256": sink.sha.hexdigest(),
+    info = {"url": shard, "samples": written, "bytes": sink.bytes, "sha256": sink.digest()["sha256"],
             "skipped": skipped}
     # Only after close(): on S3 that is when the object exists (object stores have no rename to commit with).
     _put_atomic(_record_url(dest, shard), json.dumps({**info, "start": start, "stop": stop, "plan": plan_id}).encode(),
@@ -187,32 +169,23 @@ def _write_shard_range(source: Source, shard_ids: list[int], bounds: list[tuple[
             for s, (a, b) in zip(shard_ids, bounds)]
 
 
-def _stream_sha256(url: str, storage: StorageConfig) -> tuple[int, str]:
-    sha, size = hashlib.sha256(), 0
-    with open_url(url, "rb", storage) as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
-
-
 def _check_shard(dest: str, record: dict[str, Any], storage: StorageConfig) -> str | None:
     """None when the stored shard is the one its progress record describes (size, then sha256 of its bytes), else
     what is wrong with it."""
     url = url_join(dest, record["url"])
     fs, path = get_filesystem(url, storage)
     try:
-        size = fs.size(path)
-        if size == record["bytes"]:
-            size, digest = _stream_sha256(url, storage)
+        stored = {"size": fs.size(path), "sha256": None}
+        if stored["size"] == record["bytes"]:
+            stored = digest(url, storage)
     except FileNotFoundError:
         return f"{url}: missing"
     except Exception as e:
         return f"{url}: unreadable ({type(e).__name__}: {e})"
-    if size != record["bytes"]:
-        return f"{url}: {size} bytes, recorded {record['bytes']}"
-    if digest != record["sha256"]:
-        return f"{url}: sha256 {digest[:12]}..., recorded {record['sha256'][:12]}..."
+    if stored["size"] != record["bytes"]:
+        return f"{url}: {stored['size']} bytes, recorded {record['bytes']}"
+    if stored["sha256"] != record["sha256"]:
+        return f"{url}: sha256 {stored['sha256'][:12]}..., recorded {record['sha256'][:12]}..."
     return None
 
 

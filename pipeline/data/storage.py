@@ -10,6 +10,7 @@ client in `__getstate__`, so DataLoader and Ray workers each build their own.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +33,8 @@ __all__ = [
     "get_filesystem",
     "open_url",
     "download",
+    "HashingWriter",
+    "digest",
     "url_join",
     "retry_counters",
     "register_wds_opener",
@@ -258,6 +261,40 @@ def download(url: str, local_path: str | Path, storage: StorageConfig | None = N
     Path(local_path).parent.mkdir(parents=True, exist_ok=True)
     with open_url(url, "rb", storage) as src, open(local_path, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+class HashingWriter:
+    """A binary stream for writing that passes bytes through to `f` while counting and hashing them: the sha256 of
+    what was written, without reading it back (`digest()` once the writer is done)."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n = self.f.write(view)  # a buffered or object-store stream takes all of it (or raises)
+        self.sha.update(view)
+        self.bytes += view.nbytes
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def digest(self) -> dict[str, Any]:
+        return {"size": self.bytes, "sha256": self.sha.hexdigest()}
+
+
+def digest(url: str | Path, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """{"size", "sha256"} of the stored bytes at `url` (an object or a local path), streamed in 1 MiB reads."""
+    sha, size = hashlib.sha256(), 0
+    with open_url(str(url), "rb", storage) as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
 
 
 def url_join(base: str, name: str) -> str:

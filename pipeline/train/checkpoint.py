@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.data.config import StorageConfig
+from pipeline.data.storage import HashingWriter, digest, download, get_filesystem
 
 if TYPE_CHECKING:
     from pipeline.model.config import ModelConfig
@@ -91,29 +92,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"checkpoint state holds a {type(o).__name__}, which is not JSON-serialisable")
 
 
-class _DigestingWriter:
-    """A binary file open for writing that hashes the bytes passing through it (torch.save writes its archive
-    sequentially, so the hash is the file's)."""
-
-    def __init__(self, f: Any):
-        self._f = f
-        self._sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        n = self._f.write(view)  # a buffered file writes all of it (or raises)
-        self._sha.update(view)
-        self.size += view.nbytes
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def entry(self) -> dict[str, Any]:
-        return {"size": self.size, "sha256": self._sha.hexdigest()}
-
-
 @contextmanager
 def _digesting_saves(engine: Any, digests: dict[str, dict[str, Any]]) -> Iterator[None]:
     """While DeepSpeed writes a checkpoint: its checkpoint engine's `save(state_dict, path)` streams torch.save
@@ -128,11 +106,11 @@ def _digesting_saves(engine: Any, digests: dict[str, dict[str, Any]]) -> Iterato
 
     def save(state_dict: Any, path: str) -> None:
         with open(path, "wb") as f:
-            out = _DigestingWriter(f)
+            out = HashingWriter(f)  # torch.save writes its archive sequentially: the hash is the file's
             # a file object, not the path: the archive's inner folder is then named "archive", not after the file,
             # which torch.load (and DeepSpeed's readers through it) ignore
             torch.save(state_dict, out, _use_new_zipfile_serialization=getattr(ce, "zipfile_serialization", True))
-        digests[os.path.abspath(path)] = out.entry()
+        digests[os.path.abspath(path)] = out.digest()
 
     ce.save = save
     try:
@@ -142,13 +120,8 @@ def _digesting_saves(engine: Any, digests: dict[str, dict[str, Any]]) -> Iterato
 
 
 def file_digest(path: str | Path) -> dict[str, Any]:
-    """{"size", "sha256"} of a local file (read in 1 MiB chunks)."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
+    """{"size", "sha256"} of a local file."""
+    return digest(path)
 
 
 def write_train_state(directory: str | Path, rank: int, state: dict[str, Any],
@@ -217,8 +190,6 @@ def is_complete(directory: str | Path) -> bool:
 
 def _iter_committed(run_url: str, storage: StorageConfig | None) -> Iterator[str]:
     """URLs of a run's committed checkpoints, newest first (each folder's markers read when it is reached)."""
-    from pipeline.data.storage import get_filesystem
-
     fs, root = get_filesystem(run_url, storage)
     fs.invalidate_cache(root)  # Ray prunes old checkpoints (num_to_keep): a cached listing may name gone ones
     try:
@@ -321,8 +292,6 @@ def verify_checkpoint(directory: str | Path) -> list[str]:
 
 def _remote_damage(url: str, storage: StorageConfig | None) -> list[str]:
     """The size check of a checkpoint in an object store, from one listing (before downloading it)."""
-    from pipeline.data.storage import get_filesystem
-
     fs, root = get_filesystem(url, storage)
     root = root.rstrip("/")
     _forget_listings(fs, root)
@@ -397,7 +366,6 @@ def latest_state(run_url: str, storage: StorageConfig | None = None) -> tuple[st
     """(URL, rank 0's training state) of the newest committed checkpoint of a run, or None. A state file that
     differs from its committed digest is skipped, with a warning, for the previous checkpoint's (only that small
     file is checked here; restores check every file: `fetch_intact`)."""
-    from pipeline.data.storage import get_filesystem
 
     damaged = []
     for url in _iter_committed(run_url, storage):
@@ -476,8 +444,6 @@ def export_final(checkpoint_dir: str | Path, model_cfg: "ModelConfig | dict", ou
 
 def upload_dir(local_dir: str | Path, dest_url: str, storage: StorageConfig | None = None) -> str:
     """Copies a model checkpoint directory to `dest_url`; model.json (the format's commit marker) goes last."""
-    from pipeline.data.storage import get_filesystem
-
     fs, dest = get_filesystem(dest_url, storage)
     fs.makedirs(dest, exist_ok=True)
     names = sorted(p.name for p in Path(local_dir).iterdir() if p.is_file())
@@ -488,8 +454,6 @@ def upload_dir(local_dir: str | Path, dest_url: str, storage: StorageConfig | No
 
 def remove_dir(url: str, storage: StorageConfig | None = None) -> None:
     """Deletes a folder (and everything under it) in storage; a missing one is fine."""
-    from pipeline.data.storage import get_filesystem
-
     fs, path = get_filesystem(url, storage)
     try:
         fs.rm(path, recursive=True)
@@ -507,7 +471,6 @@ def fetch_checkpoint(url: str, storage: StorageConfig | None = None) -> Iterator
             raise FileNotFoundError(f"checkpoint directory not found: {url}")
         yield path
         return
-    from pipeline.data.storage import download, get_filesystem
 
     fs, path = get_filesystem(url, storage)
     _forget_listings(fs, path.rstrip("/"))
