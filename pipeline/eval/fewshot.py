@@ -71,14 +71,6 @@ def _targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y
 
 
-def _standardised(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets standardised with the training pool's statistics (its images, not its labels): the closed form is
-    then well conditioned and the l2 grid means the same whatever the feature scale (tanh pre-logits vs. tokens)."""
-    mean = train.double().mean(0, keepdim=True)
-    std = train.double().std(0, keepdim=True).clamp_min(1e-6)
-    return (train.double() - mean) / std, (test.double() - mean) / std
-
-
 def ridge_classifier(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> torch.Tensor:
     """Weights W [D+1, K] minimising |[X 1] W - Y|^2 + l2 |W|^2 with Y in {-1, 1}^K (the bias is the ones column)."""
     x, y = _design(feats), _targets(labels, num_classes)
@@ -118,6 +110,39 @@ def select_l2(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return max(l2 for l2, e in zip(grid, press.tolist()) if e <= best * (1 + 1e-9))
 
 
+@dataclass(frozen=True)
+class _Task:
+    """A labelled pool and a test set, features standardised with the pool's statistics (its images, not its
+    labels): the closed form is then well conditioned and the l2 grid means the same whatever the feature scale
+    (tanh pre-logits vs. tokens)."""
+
+    train_x: torch.Tensor  # float64 [N, D], standardised
+    train_y: torch.Tensor  # int64 [N]
+    test_x1: torch.Tensor  # float64 [M, D + 1], standardised, with the bias column
+    test_y: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def of(cls, train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+           test_labels: torch.Tensor) -> "_Task":
+        if train_feats.ndim != 2 or test_feats.ndim != 2:
+            raise ValueError(f"features must be [N, D], got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
+        if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
+            raise ValueError("few-shot: features and labels differ in length")
+        train_y, test_y = train_labels.long(), test_labels.long()
+        mean = train_feats.double().mean(0, keepdim=True)
+        std = train_feats.double().std(0, keepdim=True).clamp_min(1e-6)
+        return cls((train_feats.double() - mean) / std, train_y, _design((test_feats.double() - mean) / std), test_y,
+                   int(max(train_y.max(), test_y.max())) + 1)
+
+    def solve(self, idx: torch.Tensor, l2: float | None, grid: Sequence[float]) -> tuple[float, float]:
+        """(test accuracy, l2) of the ridge classifier on the pool samples `idx`; l2 None = by leave-one-out."""
+        x, y = self.train_x[idx], self.train_y[idx]
+        reg = l2 if l2 is not None else select_l2(x, y, self.num_classes, grid)
+        w = ridge_classifier(x, y, self.num_classes, reg)
+        return float(((self.test_x1 @ w).argmax(1) == self.test_y).double().mean()), float(reg)
+
+
 def fewshot_results(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -131,26 +156,16 @@ def fewshot_results(
 ) -> dict[int, FewshotResult]:
     """k-shot accuracy for each k in `shots` over `seeds` draws of the shots (classes = those in the training
     labels). `l2`: a fixed regulariser; None = chosen per draw by leave-one-out on the support set from `grid`."""
-    if train_feats.ndim != 2 or test_feats.ndim != 2:
-        raise ValueError(f"features must be [N, D], got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
-    if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
-        raise ValueError("few-shot: features and labels differ in length")
     if seeds < 1:
         raise ValueError(f"few-shot: seeds must be >= 1, got {seeds}")
-    train_labels = train_labels.long()
-    test_labels = test_labels.long()
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    tr, te = _standardised(train_feats, test_feats)
-    te1 = _design(te)
+    task = _Task.of(train_feats, train_labels, test_feats, test_labels)
     out = {}
     for k in shots:
         accs, chosen = [], []
         for s in range(seeds):
-            idx = sample_k_per_class(train_labels, k, seed + s)
-            reg = l2 if l2 is not None else select_l2(tr[idx], train_labels[idx], num_classes, grid)
-            w = ridge_classifier(tr[idx], train_labels[idx], num_classes, reg)
-            accs.append(float(((te1 @ w).argmax(1) == test_labels).double().mean()))
-            chosen.append(float(reg))
+            acc, reg = task.solve(sample_k_per_class(task.train_y, k, seed + s), l2, grid)
+            accs.append(acc)
+            chosen.append(reg)
         out[int(k)] = FewshotResult(int(k), tuple(accs), tuple(chosen))
     return out
 
@@ -159,13 +174,8 @@ def ridge_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
                 test_labels: torch.Tensor, grid: Sequence[float] = L2_GRID) -> tuple[float, float]:
     """(test accuracy, l2) of a ridge classifier on every training sample, features standardised as for the
     few-shot solve and the regulariser chosen by leave-one-out: a frozen-feature linear probe in closed form."""
-    train_labels, test_labels = train_labels.long(), test_labels.long()
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    tr, te = _standardised(train_feats, test_feats)
-    l2 = select_l2(tr, train_labels, num_classes, grid)
-    w = ridge_classifier(tr, train_labels, num_classes, l2)
-    pred = (_design(te) @ w).argmax(1)
-    return float((pred == test_labels).double().mean()), l2
+    task = _Task.of(train_feats, train_labels, test_feats, test_labels)
+    return task.solve(torch.arange(len(task.train_y)), None, grid)
 
 
 def fewshot_accuracy(

@@ -18,17 +18,27 @@ def gather_rows(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     on the CPU). Rows travel on `device` (the backend's: NCCL needs CUDA tensors)."""
     if not distributed():
         return t.cpu()
-    world = dist.get_world_size()
     x = t.to(device).contiguous()
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[dist.get_rank()] = len(x)
-    dist.all_reduce(sizes)
-    longest = int(sizes.max())
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    sizes = _row_counts(len(x), device)
+    padded = _padded(x, max(sizes))
+    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes.tolist())]).cpu()
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
+
+
+def _row_counts(n: int, device: torch.device | str) -> list[int]:
+    """Every rank's row count (`n` here), in rank order."""
+    sizes = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    sizes[dist.get_rank()] = n
+    dist.all_reduce(sizes)
+    return [int(v) for v in sizes.tolist()]
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with zero rows appended up to `rows`: collectives move tensors of one shape."""
+    out = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out[: len(x)] = x
+    return out
 
 
 def gather_column_shard(t: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,17 +50,12 @@ def gather_column_shard(t: torch.Tensor, device: torch.device | str) -> tuple[to
         return t.cpu(), torch.arange(t.shape[1])
     world, rank = dist.get_world_size(), dist.get_rank()
     x = t.to(device).contiguous()
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[rank] = len(x)
-    dist.all_reduce(sizes)
-    longest = int(sizes.max())
+    sizes = _row_counts(len(x), device)
     mine = None
     for dst in range(world):
-        cols = x[:, dst::world]
-        padded = torch.zeros((longest, *cols.shape[1:]), dtype=x.dtype, device=device)
-        padded[: len(x)] = cols
-        parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+        padded = _padded(x[:, dst::world], max(sizes))
+        parts = [torch.empty_like(padded) for _ in sizes] if rank == dst else None
         dist.gather(padded, parts, dst=dst)
         if rank == dst:
-            mine = torch.cat([p[: int(n)] for p, n in zip(parts, sizes.tolist())])
+            mine = torch.cat([p[:n] for p, n in zip(parts, sizes)])
     return mine.cpu(), torch.arange(rank, t.shape[1], world)

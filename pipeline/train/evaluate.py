@@ -10,6 +10,7 @@ artifacts reach the run (through its sink). The job's driver never runs the mode
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -160,9 +161,7 @@ class Evaluator:
     def fewshot(self, model: torch.nn.Module, pool: str, test: str, *, pool_batches: int | None = None,
                 test_batches: int | None = None, prefix: str | None = None, probe: bool = False) -> dict[str, float]:
         """Few-shot accuracies (rank 0; {} elsewhere): each rank embeds its share of both sets, rank 0 solves."""
-        import math
-
-        from pipeline.eval.fewshot import fewshot_results
+        from pipeline.eval.fewshot import fewshot_results, ridge_probe
 
         tr_x, tr_y, name = self.features(model, pool, pool_batches)
         te_x, te_y, _ = self.features(model, test, test_batches)
@@ -179,8 +178,6 @@ class Evaluator:
             out[f"{prefix}{k}shot_std"] = r.std
             out[f"{prefix}{k}shot_log2_l2"] = math.log2(sorted(r.l2)[len(r.l2) // 2])
         if probe:  # every pool image labelled: the frozen-feature linear probe
-            from pipeline.eval.fewshot import ridge_probe
-
             out["probe/top1"], l2 = ridge_probe(tr_x, tr_y, te_x, te_y)
             out["probe/log2_l2"] = math.log2(l2)
         return out
