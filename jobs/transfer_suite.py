@@ -11,13 +11,12 @@ before any task's job started), 143 stopped (SIGTERM: the running tasks' jobs ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.commands.transfer import add_suite_args
+    from pipeline.commands.transfer import add_suite_args, run_and_report_suite
 
     parser = argparse.ArgumentParser(prog="jobs.transfer_suite", description=__doc__.splitlines()[0])
     add_suite_args(parser)
@@ -28,22 +27,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import ConfigError
     from pipeline.launch.submit import cluster_address, default_address
-    from pipeline.transfer.suite import SuiteFailed, load_suite, run_suite
+    from pipeline.transfer.suite import load_suite
 
     try:
         suite = load_suite(args.folder, args.overrides)
         address = args.address or default_address() or cluster_address()
-        result = run_suite(suite, source=args.source, name=args.name, address=address,
-                           max_concurrent=args.max_concurrent, working_dir=args.working_dir)
+        return run_and_report_suite(suite, args, address=address, prog="transfer suite")
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"transfer suite: {e}", file=sys.stderr)
         return 2
-    except SuiteFailed as e:
-        print(json.dumps(e.result.summary(), indent=2))
-        print(f"transfer suite: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.summary(), indent=2))
-    return 0
 
 
 if __name__ == "__main__":

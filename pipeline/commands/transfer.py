@@ -11,7 +11,7 @@ import sys
 from pipeline.commands import add_config_args
 from pipeline.commands import reported_cluster_errors as _reported
 
-__all__ = ["register", "add_suite_args", "suite_job_args"]
+__all__ = ["register", "add_suite_args", "suite_job_args", "run_and_report_suite"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,15 +77,23 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_suite(args: argparse.Namespace) -> int:
-    from pipeline.transfer.suite import SuiteFailed, load_suite, run_suite
+    from pipeline.transfer.suite import load_suite
 
-    suite = load_suite(args.folder, args.overrides)
+    return run_and_report_suite(load_suite(args.folder, args.overrides), args, address=args.address,
+                                prog="vitpipe transfer-suite")
+
+
+def run_and_report_suite(suite, args: argparse.Namespace, *, address: str | None, prog: str) -> int:
+    """Runs a loaded suite with the suite arguments and prints its summary (JSON): exit 0, or 1 with the failed
+    tasks named on stderr. Shared by `vitpipe transfer-suite` and the suite's Ray job (jobs.transfer_suite)."""
+    from pipeline.transfer.suite import SuiteFailed, run_suite
+
     try:
-        result = run_suite(suite, source=args.source, name=args.name, address=args.address,
+        result = run_suite(suite, source=args.source, name=args.name, address=address,
                            max_concurrent=args.max_concurrent, working_dir=args.working_dir)
     except SuiteFailed as e:
         print(json.dumps(e.result.summary(), indent=2))
-        print(f"vitpipe transfer-suite: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result.summary(), indent=2))
     return 0
