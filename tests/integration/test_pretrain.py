@@ -30,15 +30,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def buckets(s3_server):
-    import boto3
+    from tests.fixtures.s3 import ensure_buckets
 
-    s3 = boto3.client("s3", endpoint_url=s3_server)
-    for b in ("pretrain-data", "pretrain-runs"):
-        try:
-            s3.create_bucket(Bucket=b)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass
-    return s3
+    return ensure_buckets(s3_server, "pretrain-data", "pretrain-runs")
 
 
 @pytest.fixture(scope="module")

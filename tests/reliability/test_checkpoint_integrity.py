@@ -36,14 +36,9 @@ TAG6 = "checkpoint_00000006/step00000006"
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    import boto3
+    from tests.fixtures.s3 import ensure_buckets
 
-    client = boto3.client("s3", endpoint_url=s3_server)
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    return client
+    return ensure_buckets(s3_server, BUCKET)
 
 
 @pytest.fixture(scope="module")
