@@ -26,6 +26,9 @@ class StorageConfig(BaseModel):
     backoff_base_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(10.0, gt=0)
     read_block_size: int = Field(8 * 2**20, gt=0, description="bytes per ranged read when streaming shards")
+    read_ahead_blocks: int = Field(
+        2, ge=0, description="blocks of read_block_size a loader worker reads ahead of decoding, across shard "
+        "boundaries (a background thread: the next shard arrives while this one decodes); 0 = read inline")
 
 
 class AugmentConfig(BaseModel):

@@ -38,6 +38,7 @@ import logging
 import multiprocessing
 import random
 import tarfile
+import time
 from itertools import count
 from typing import Any, Iterator
 
@@ -49,15 +50,20 @@ from pipeline.data.dedup import load_exclusions
 from pipeline.data.manifest import Manifest, load_dataset_spec
 from pipeline.data.plan import EpochPlan, Segment
 from pipeline.data.shards import iter_tar_samples
-from pipeline.data.storage import open_url, retry_counters
+from pipeline.data.storage import ReadAhead, io_counters, open_url
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_batch, decode_image
 
-__all__ = ["build_loader", "StreamingLoader", "COUNTER_NAMES"]
+__all__ = ["build_loader", "StreamingLoader", "COUNTER_NAMES", "BAD_DATA_NAMES", "TELEMETRY_NAMES"]
 
 log = logging.getLogger(__name__)
 
-COUNTER_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries",
-                 "excluded_samples")
+# bad data and storage: what a run logs as data/<name>, summed over ranks
+BAD_DATA_NAMES = ("skipped_samples", "bad_images", "bad_labels", "skipped_shards", "truncated_shards", "retries",
+                  "excluded_samples")
+# input telemetry: bytes read from storage, samples handed out, and the milliseconds the workers spent producing
+# them (reading, decoding, augmenting; not waiting for the consumer): the loader's own capacity
+TELEMETRY_NAMES = ("bytes_read", "samples", "busy_ms")
+COUNTER_NAMES = BAD_DATA_NAMES + TELEMETRY_NAMES
 _META = 3  # role, position, batches done; counters follow
 # DataLoader workers are forked where the OS can: a process that was itself spawned (torch.multiprocessing ranks,
 # pipeline.launch.local) would otherwise spawn them too, re-importing torch and the pipeline (seconds) for every
@@ -88,10 +94,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
         self.defer_decode = defer_decode
 
     # --- raw samples --------------------------------------------------------------------------------------------
-    def _read_segment(self, shard: int, skip: int, take: int, counters: dict[str, int]) -> Iterator[dict]:
+    def _read_segment(self, shard: int, skip: int, take: int, counters: dict[str, int],
+                      ahead: ReadAhead | None, k: int) -> Iterator[dict]:
         url, got = self.shards[shard], 0
         try:
-            with open_url(url, "rb", self.storage) as f:
+            with (ahead.open(k) if ahead is not None else open_url(url, "rb", self.storage)) as f:
                 for sample in iter_tar_samples(f, skip=skip, take=take):
                     sample["__index__"] = self.offsets[shard] + skip + got  # position in the manifest
                     got += 1
@@ -112,11 +119,13 @@ class _SlotStream(torch.utils.data.IterableDataset):
 
     def _raw(self, role: int, counters: dict[str, int]) -> Iterator[dict]:
         """Shuffled raw samples of this slot: pass 0 is the plan's run; later passes (only reached when skipped
-        samples left the slot short) read the same run again in another order."""
+        samples left the slot short) read the same run again in another order. Each pass's shards are read ahead
+        of decoding in a background thread (`storage.read_ahead_blocks`)."""
         segments = self.segments[role]
         slot = self.rank * self.workers + role
         rng = random.Random(_seed(self.seed, self.epoch, slot, 1))
         size = self.data.shuffle_buffer
+        blocks = self.storage.read_ahead_blocks
         seq = 0
         for p in count():
             segs = segments if p == 0 else random.Random(_seed(self.seed, self.epoch, slot, 2, p)).sample(
@@ -124,27 +133,32 @@ class _SlotStream(torch.utils.data.IterableDataset):
             before = counters["skipped_samples"]
             emitted = 0
             buf: list[dict] = []
-            for seg in segs:
-                drop = self.excluded[seg[0]]
-                for sample in self._read_segment(*seg, counters):
-                    # the slot's own samples: the first of its run's first pass (the rest are padding repeats)
-                    own = p == 0 and seq < self.own[role]
-                    seq += p == 0
-                    if drop and sample["__key__"] in drop:
-                        counters["excluded_samples"] += own  # once per epoch, not again in refill passes
-                        continue
-                    sample["__own__"] = own
-                    if size <= 1:
+            ahead = ReadAhead([self.shards[seg[0]] for seg in segs], self.storage, blocks=blocks) if blocks else None
+            try:
+                for k, seg in enumerate(segs):
+                    drop = self.excluded[seg[0]]
+                    for sample in self._read_segment(*seg, counters, ahead, k):
+                        # the slot's own samples: the first of its run's first pass (the rest are padding repeats)
+                        own = p == 0 and seq < self.own[role]
+                        seq += p == 0
+                        if drop and sample["__key__"] in drop:
+                            counters["excluded_samples"] += own  # once per epoch, not again in refill passes
+                            continue
+                        sample["__own__"] = own
+                        if size <= 1:
+                            emitted += 1
+                            yield sample
+                            continue
+                        if len(buf) < size:
+                            buf.append(sample)
+                            continue
+                        j = rng.randrange(size)
+                        buf[j], sample = sample, buf[j]
                         emitted += 1
                         yield sample
-                        continue
-                    if len(buf) < size:
-                        buf.append(sample)
-                        continue
-                    j = rng.randrange(size)
-                    buf[j], sample = sample, buf[j]
-                    emitted += 1
-                    yield sample
+            finally:
+                if ahead is not None:
+                    ahead.close()
             rng.shuffle(buf)
             emitted += len(buf)
             yield from buf
@@ -179,15 +193,23 @@ class _SlotStream(torch.utils.data.IterableDataset):
         pos, done = self.positions[role], self.batches_done[role]
         bs, total = self.batch_size, self.batches_per_slot
         counters = dict.fromkeys(COUNTER_NAMES, 0)
-        start_retries = retry_counters()["retries"]
+        start_io = io_counters()
+
+        def count_io() -> None:
+            now = io_counters()
+            for k in ("retries", "bytes_read"):
+                counters[k] = now[k] - start_io[k]
+
         raw = self._raw(role, counters)
         for _ in range(pos):  # resume: replay the stream without decoding
             next(raw)
-        counters["retries"] = retry_counters()["retries"] - start_retries
+        count_io()
         base = dict(counters)  # what the replay counted was already counted before the state was taken
         transform = build_transform(self.image_size, self.train, self.data.augment)
         slot = self.rank * self.workers + role
+        in_worker = info is not None
         while done < total:
+            t0 = time.perf_counter()
             images, labels, keys, own, index = [], [], [], [], []
             aug_seed = _seed(self.seed, self.epoch, slot, 3, done)
             with torch.random.fork_rng(devices=[]):
@@ -222,17 +244,31 @@ class _SlotStream(torch.utils.data.IterableDataset):
                     own.append(sample["__own__"])
                     index.append(sample["__index__"])
             done += 1
-            counters["retries"] = retry_counters()["retries"] - start_retries
+            batch = {"encoded": images, "aug_seed": aug_seed} if self.defer_decode else {
+                "image": _stack(images, in_worker)}
+            count_io()
+            counters["samples"] += bs
+            counters["busy_ms"] += round((time.perf_counter() - t0) * 1000)
             meta = [role, pos, done] + [counters[k] - base[k] for k in COUNTER_NAMES]
             yield {
-                **({"encoded": images, "aug_seed": aug_seed} if self.defer_decode else
-                   {"image": torch.stack(images)}),
+                **batch,
                 "label": torch.stack(labels) if self.label_type == "multi" else torch.tensor(labels, dtype=torch.int64),
                 "key": keys,
                 "valid": torch.tensor(own, dtype=torch.bool),
                 "index": torch.tensor(index, dtype=torch.int64),
                 "_meta": torch.tensor(meta, dtype=torch.int64),
             }
+
+
+def _stack(images: list[torch.Tensor], in_worker: bool) -> torch.Tensor:
+    """The batch tensor; in a DataLoader worker it is built straight into shared memory (as torch's default_collate
+    does), so handing it to the training process copies nothing more."""
+    if not in_worker:
+        return torch.stack(images)
+    first = images[0]
+    storage = first.untyped_storage()._new_shared(len(images) * first.numel() * first.element_size())
+    out = first.new(storage).view(len(images), *first.shape)
+    return torch.stack(images, out=out)
 
 
 class StreamingLoader:

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -29,6 +28,7 @@ from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, load_dataset_spec
 from pipeline.data.sources import ArraySource, Source, SourceItem, json_bytes, png_bytes
 from pipeline.data.storage import HashingWriter, digest, get_filesystem, open_url, url_join
+from pipeline.data.tar import iter_members
 
 __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samples", "verify_shards",
            "encode_item", "DEFAULT_SHARD_BYTES"]
@@ -477,35 +477,35 @@ def _member_key(name: str) -> tuple[str, str] | None:
 
 def iter_tar_samples(fileobj, *, skip: int = 0, take: int | None = None) -> Iterator[dict[str, Any]]:
     """Yields samples `{"__key__": KEY, EXT: bytes, ...}` from a tar stream in WebDataset layout (consecutive members
-    sharing a key form a sample). The first `skip` samples are passed over without extracting their data; at most
+    sharing a key form a sample). The first `skip` samples are passed over without keeping their data; at most
     `take` samples are yielded. A truncated or corrupt tar raises tarfile.TarError (or EOFError/OSError)."""
     if take is not None and take <= 0:
         return
-    seen = yielded = 0
+    state = {"key": None, "index": -1}
+
+    def wanted(name: str) -> bool:
+        parts = _member_key(name)
+        if parts is None or parts[0].rsplit("/", 1)[-1].startswith("__"):
+            return False
+        if parts[0] != state["key"]:
+            state["key"], state["index"] = parts[0], state["index"] + 1
+        return state["index"] >= skip
+
+    yielded = 0
     current: dict[str, Any] | None = None
-    current_idx = -1
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            parts = _member_key(member.name)
-            if parts is None or parts[0].rsplit("/", 1)[-1].startswith("__"):
-                continue
-            key, ext = parts
-            if current is None or current["__key__"] != key:
-                if current is not None and current_idx >= skip:
-                    yield current
-                    yielded += 1
-                    if take is not None and yielded >= take:
-                        return
-                current = {"__key__": key}
-                current_idx = seen
-                seen += 1
-            if current_idx >= skip:
-                f = tar.extractfile(member)
-                current[ext.lower()] = f.read() if f is not None else b""
-            tar.members = []  # stream mode: keep memory flat
-    if current is not None and current_idx >= skip:
+    for name, body in iter_members(fileobj, wanted):
+        if body is None:
+            continue
+        key, ext = _member_key(name)
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+                yielded += 1
+                if take is not None and yielded >= take:
+                    return
+            current = {"__key__": key}
+        current[ext.lower()] = body
+    if current is not None:
         yield current
 
 

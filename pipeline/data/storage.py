@@ -3,7 +3,7 @@
 Request-level retries (throttling: 503 SlowDown, 5xx, connection errors) are botocore's own
 (`retries={"mode": ..., "max_attempts": ...}`); errors in the middle of a body read are retried here by
 `RetryingReader`, which reopens at the byte it had reached. Both are counted in process-local counters
-(`retry_counters()`). Filesystems are created lazily per process and never pickled: a `Storage` handle drops its
+(`io_counters()`). Filesystems are created lazily per process and never pickled: a `Storage` handle drops its
 client in `__getstate__`, so DataLoader and Ray workers each build their own.
 """
 
@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import queue
 import random
 import shutil
 import threading
@@ -36,14 +37,15 @@ __all__ = [
     "HashingWriter",
     "digest",
     "url_join",
-    "retry_counters",
+    "io_counters",
+    "ReadAhead",
     "register_wds_opener",
     "wds_opener",
 ]
 
 log = logging.getLogger(__name__)
 
-_COUNTER_NAMES = ("request_retries", "read_retries")
+_COUNTER_NAMES = ("request_retries", "read_retries", "bytes_read")
 _counters = dict.fromkeys(_COUNTER_NAMES, 0)
 _counters_lock = threading.Lock()
 _FS_CACHE: dict[tuple, Any] = {}
@@ -56,8 +58,9 @@ def _count(name: str, n: int = 1) -> None:
         _counters[name] += n
 
 
-def retry_counters() -> dict[str, int]:
-    """Retries made in THIS process so far: request_retries (botocore), read_retries (mid-stream), retries (sum)."""
+def io_counters() -> dict[str, int]:
+    """What THIS process did so far: request_retries (botocore), read_retries (mid-stream), retries (their sum),
+    bytes_read (through `open_url`, from any store)."""
     with _counters_lock:
         out = dict(_counters)
     out["retries"] = out["request_retries"] + out["read_retries"]
@@ -217,6 +220,7 @@ class RetryingReader(io.RawIOBase):
 
         n = self._with_retries(_read)
         self._pos += n
+        _count("bytes_read", n)
         return n
 
     def _close_inner(self) -> None:
@@ -253,6 +257,116 @@ def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *
     if mode == "wb":
         return fs.open(path, "wb")
     raise ValueError(f"open_url: mode must be 'rb' or 'wb', got {mode!r}")
+
+
+class ReadAhead:
+    """Reads a sequence of objects, in order, in a background thread, up to `blocks` blocks of
+    `storage.read_block_size` ahead of the consumer and across object boundaries: the next shard's bytes arrive
+    while the current one decodes. `open(i)` returns the i-th object's stream (call it in order, each once); closing
+    a stream before its end makes the thread skip the rest of that object. An error opening or reading an object
+    (after `open_url`'s retries) is raised by its stream's read."""
+
+    def __init__(self, urls: list[str], storage: StorageConfig | None = None, *, blocks: int = 4):
+        self._urls, self._storage = list(urls), storage or StorageConfig()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, blocks))
+        self._abandoned: set[int] = set()
+        self._pending: tuple | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vitpipe-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        block = self._storage.read_block_size
+        for i, url in enumerate(self._urls):
+            try:
+                with open_url(url, "rb", self._storage, buffer_size=block) as f:
+                    while i not in self._abandoned:
+                        chunk = f.read(block)
+                        if not chunk:
+                            break
+                        if not self._put((i, chunk)):
+                            return
+                end: tuple = (i, None)
+            except Exception as e:  # handed to the consumer, raised where the object is read
+                end = (i, e)
+            if not self._put(end):
+                return
+
+    def _next(self, i: int) -> bytes | None:
+        """The next chunk of object `i` (None at its end); chunks of objects closed early are dropped."""
+        while True:
+            if self._pending is not None:
+                (j, item), self._pending = self._pending, None
+            else:
+                j, item = self._queue.get()
+            if j < i:
+                continue  # the rest of an abandoned object
+            if j > i:  # object i already ended (its end was taken by an earlier read): keep the next one's chunk
+                self._pending = (j, item)
+                return None
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    def open(self, i: int) -> io.BufferedReader:
+        return io.BufferedReader(_ReadAheadStream(self, i), buffer_size=1 << 16)
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+
+class _ReadAheadStream(io.RawIOBase):
+    def __init__(self, owner: ReadAhead, i: int):
+        super().__init__()
+        self._owner, self._i = owner, i
+        self._chunk, self._eof = memoryview(b""), False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._chunk:
+            if self._eof:
+                return 0
+            try:
+                data = self._owner._next(self._i)
+            except Exception:
+                self._eof = True  # the object's end (an error) is taken: closing must not wait for another
+                raise
+            if data is None:
+                self._eof = True
+                return 0
+            self._chunk = memoryview(data)
+        n = min(len(b), len(self._chunk))
+        b[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed and not self._eof:
+            self._owner._abandoned.add(self._i)
+            try:  # drain to this object's end marker so the next object's stream starts at its own bytes
+                while self._owner._next(self._i) is not None:
+                    pass
+            except Exception:
+                pass
+            self._eof = True
+        super().close()
 
 
 def download(url: str, local_path: str | Path, storage: StorageConfig | None = None) -> None:

@@ -248,7 +248,7 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
     retried (fsspec's recursive get would fail the export)."""
     import os
 
-    from pipeline.data.storage import get_filesystem, retry_counters
+    from pipeline.data.storage import get_filesystem, io_counters
     from pipeline.train.checkpoint import fetch_checkpoint
     from tests.fixtures.s3 import make_storage_config
 
@@ -259,12 +259,12 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
     for name, data in files.items():
         fs.pipe_file(f"{root}/{name}", data)
     proxy = faulty_proxy(reset_fraction=0.5, seed=1)
-    before = sum(retry_counters().values())
+    before = io_counters()["retries"]
     with fetch_checkpoint(url, make_storage_config(proxy.url)) as local:
         got = {str(p.relative_to(local)): p.read_bytes() for p in Path(local).rglob("*") if p.is_file()}
     assert got == files
     # (a cut-off listing is retried by botocore, a cut-off body by the reader: both counted)
-    assert proxy.counts["resets"] > 0 and sum(retry_counters().values()) - before >= proxy.counts["resets"]
+    assert proxy.counts["resets"] > 0 and io_counters()["retries"] - before >= proxy.counts["resets"]
 
 
 def test_plain_webdataset_reads_our_shards(store):

@@ -59,12 +59,12 @@ def test_retrying_reader_resumes_at_the_byte_reached_and_counts():
         opened.append(1)
         return _FlakyFile(data, 5000 if len(opened) == 1 else None, ConnectionResetError("reset by peer"))
 
-    before = st.retry_counters()["read_retries"]
+    before = st.io_counters()["read_retries"]
     with io.BufferedReader(st.RetryingReader(opener, "mem://x", QUICK), buffer_size=1024) as f:
         assert f.read() == data
     assert len(opened) == 2
-    assert st.retry_counters()["read_retries"] == before + 1
-    assert st.retry_counters()["retries"] >= 1
+    assert st.io_counters()["read_retries"] == before + 1
+    assert st.io_counters()["retries"] >= 1
 
 
 def test_retrying_reader_gives_up_after_max_retries_and_never_retries_not_found():
@@ -153,3 +153,33 @@ def test_brace_pattern_with_sample_count():
     for bad in ("s3://b/x-{0..3}.tar|many", "s3://b/x-{0..3}.tar|2", "s3://b/x.tar|3|odd"):
         with pytest.raises(ValueError, match="dataset pattern"):
             load_dataset_spec(bad)
+
+
+def test_read_ahead_streams_objects_in_order_across_abandoned_and_missing_ones(tmp_path):
+    """The loader's read-ahead thread: each stream gets exactly its object's bytes, whether the one before it was
+    read to the end, closed half-way, or missing (its error raised by its own stream, not the next one's)."""
+    bodies = [bytes([i]) * (3000 + 1000 * i) for i in range(4)]
+    paths = []
+    for i, body in enumerate(bodies):
+        (tmp_path / f"o{i}").write_bytes(body)
+        paths.append(str(tmp_path / f"o{i}"))
+    paths.insert(2, str(tmp_path / "missing"))
+    ahead = st.ReadAhead(paths, st.StorageConfig(read_block_size=1024), blocks=2)
+    try:
+        with ahead.open(0) as f:
+            assert f.read() == bodies[0]
+        with ahead.open(1) as f:
+            assert f.read(100) == bodies[1][:100]  # closed half-way: the rest is skipped
+        with ahead.open(2) as f, pytest.raises(FileNotFoundError):
+            f.read()
+        for k in (3, 4):
+            with ahead.open(k) as f:
+                assert f.read() == bodies[k - 1]
+    finally:
+        ahead.close()
+    before = st.io_counters()["bytes_read"]
+    ahead = st.ReadAhead(paths[:1], st.StorageConfig(), blocks=1)
+    with ahead.open(0) as f:
+        f.read()
+    ahead.close()
+    assert st.io_counters()["bytes_read"] - before == len(bodies[0])
