@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.launch.stop import install_worker_handler, termination_requested, 
 from pipeline.tracking.run import RunRef
 from pipeline.launch.trainer import FitResult, finish_fit
 from pipeline.launch.trainer import run_url as default_run_url
-from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, fetch_intact
+from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, fetch_intact, upload_checkpoint
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.loop import run_evaluation, run_training
 from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
@@ -34,24 +35,21 @@ __all__ = ["storage_report", "restore_from_storage", "run_rank", "init_process_g
 
 log = logging.getLogger(__name__)
 
-_MARKER_PREFIX = "COMMITTED."
 
-
-def storage_report(spec: WorkerSpec) -> Callable[[dict, "str | None", int], None]:
+def storage_report(spec: WorkerSpec) -> Callable[..., None]:
     """The loop's `report` for ranks without Ray: the checkpoint folder goes to `<run_url>/checkpoint_<step>`,
-    this rank's commit marker last (a checkpoint is complete once every rank's marker is there)."""
-    from pipeline.data.storage import get_filesystem
+    this rank's commit marker last (a checkpoint is complete once every rank's marker is there), synchronously;
+    the local folder is removed after."""
 
-    def report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+    def report(metrics: dict, checkpoint_dir: str | None, step: int,
+               before_marker: Callable[[], None] | None = None) -> None:
         if checkpoint_dir is None:
             return
-        dest = f"{spec.run_url.rstrip('/')}/{checkpoint_dir_name(step)}"
-        fs, root = get_filesystem(dest, spec.config.storage)
-        files = sorted(p for p in Path(checkpoint_dir).rglob("*") if p.is_file())
-        for path in sorted(files, key=lambda p: p.name.startswith(_MARKER_PREFIX)):
-            target = f"{root}/{path.relative_to(checkpoint_dir).as_posix()}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(path), target)
+        try:
+            upload_checkpoint(checkpoint_dir, f"{spec.run_url.rstrip('/')}/{checkpoint_dir_name(step)}",
+                              spec.config.storage, before_marker=before_marker)
+        finally:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     return report
 

@@ -7,25 +7,73 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+import threading
+import time
+from typing import Callable, Iterator
 
 from pipeline.launch.stop import StopSignal, termination_requested, training_active
+from pipeline.train.checkpoint import checkpoint_dir_name, upload_checkpoint
 from pipeline.train.loop import run_evaluation, run_training
 from pipeline.train.spec import WorkerSpec
 
-__all__ = ["train_worker", "eval_worker", "restore_point", "EVALUATION_FILE"]
+__all__ = ["train_worker", "eval_worker", "restore_point", "CheckpointReporter", "EVALUATION_FILE"]
 
 log = logging.getLogger(__name__)
 
 
-def _report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
-    import ray.train
+class CheckpointReporter:
+    """The loop's `report` under Ray Train: `ray.train.report` with the checkpoint uploaded in the background
+    (`CheckpointUploadMode.ASYNC`: training goes on while it uploads; Ray registers it once every rank's upload is
+    done, and raises an upload's error in the training thread), by `upload_checkpoint` (this rank's commit marker
+    last, through pipeline.data.storage's retrying, counted client) into Ray's checkpoint folder. At most one
+    upload in flight: a report waits for this rank's previous upload to finish first. The local folder is removed
+    once uploaded."""
 
-    from pipeline.train.checkpoint import checkpoint_dir_name
+    def __init__(self, spec: WorkerSpec):
+        import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint,
-                     checkpoint_dir_name=checkpoint_dir_name(step) if checkpoint else None)
+        self._spec = spec
+        storage = ray.train.get_context().get_storage()
+        self._fs, self._root = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
+        self._idle = threading.Event()
+        self._idle.set()
+        self.uploads: list[dict] = []  # {"step", "bytes", "seconds", "waited_s"}: one per checkpoint
+
+    def __call__(self, metrics: dict, checkpoint_dir: str | None, step: int,
+                 before_marker: Callable[[], None] | None = None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        t_wait = time.perf_counter()
+        self._idle.wait()
+        waited = time.perf_counter() - t_wait
+        self._idle.clear()
+        name = checkpoint_dir_name(step)
+
+        def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+            try:
+                t0 = time.perf_counter()
+                n = upload_checkpoint(checkpoint.path, f"{self._spec.run_url.rstrip('/')}/{dir_name}",
+                                      self._spec.config.storage, before_marker=before_marker)
+                self.uploads.append({"step": step, "bytes": n, "seconds": time.perf_counter() - t0,
+                                     "waited_s": waited})
+                return ray.train.Checkpoint(path=f"{self._root}/{dir_name}", filesystem=self._fs)
+            finally:
+                self._idle.set()
+
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=name, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        except BaseException:
+            self._idle.set()
+            raise
+
+    def wait(self) -> None:
+        """Until this rank's last upload is done (or failed)."""
+        self._idle.wait()
 
 
 @contextlib.contextmanager
@@ -72,8 +120,10 @@ def train_worker(spec: WorkerSpec, stop: StopSignal | None = None) -> None:
         return termination_requested() or (stop is not None and rank == 0 and stop.requested())
 
     with training_active(), restore_point(spec) as restore_dir:
-        run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=_report,
+        reporter = CheckpointReporter(spec)
+        run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=reporter,
                      should_stop=should_stop)
+        reporter.wait()
 
 
 EVALUATION_FILE = "evaluation.json"

@@ -56,6 +56,7 @@ __all__ = [
     "latest_state",
     "export_final",
     "upload_dir",
+    "upload_checkpoint",
     "remove_dir",
     "fetch_checkpoint",
     "EMA_FILE",
@@ -450,6 +451,28 @@ def upload_dir(local_dir: str | Path, dest_url: str, storage: StorageConfig | No
     for name in sorted(names, key=lambda n: n == "model.json"):
         fs.put_file(str(Path(local_dir) / name), f"{dest.rstrip('/')}/{name}")
     return dest_url
+
+
+def upload_checkpoint(local_dir: str | Path, dest_url: str, storage: StorageConfig | None = None, *,
+                      before_marker: Callable[[], None] | None = None) -> int:
+    """Copies one rank's checkpoint folder into `dest_url` (the checkpoint's folder in storage, which the other
+    ranks fill too), this rank's commit marker last: the checkpoint counts as committed only once every rank's
+    bytes are in the store. `before_marker` (tests: fault injection) runs after the other files are up. Returns
+    the bytes copied."""
+    fs, root = get_filesystem(dest_url, storage)
+    root = root.rstrip("/")
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    data = [p for p in files if not p.name.startswith(_MARKER_PREFIX)]
+    markers = [p for p in files if p.name.startswith(_MARKER_PREFIX) and not p.name.endswith(".tmp")]
+    done = 0
+    for i, path in enumerate(data + markers):
+        if i == len(data) and before_marker is not None:
+            before_marker()
+        target = f"{root}/{path.relative_to(local_dir).as_posix()}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), target)
+        done += path.stat().st_size
+    return done
 
 
 def remove_dir(url: str, storage: StorageConfig | None = None) -> None:

@@ -71,6 +71,10 @@ class TrainHooks:
     def before_commit(self, info: LoopInfo, step: int) -> None:
         """This rank's checkpoint shard for `step` is written; its state file and commit marker are not yet."""
 
+    def before_upload_commit(self, info: LoopInfo, step: int) -> None:
+        """This rank's checkpoint files for `step` are in storage, its commit marker is not yet. With background
+        uploads (Ray jobs) this runs on the upload thread while training goes on with the next steps."""
+
     def evaluate(self, ctx: EvalContext) -> Mapping[str, float]:
         """Extra metrics at every evaluation step (train.eval_every and the last step)."""
         return {}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
+from pipeline.data.loader import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
 from pipeline.train.spec import InitSpec, WorkerSpec
 
@@ -31,7 +32,10 @@ __all__ = ["run_training", "run_evaluation", "compute_loss", "build_model_for"]
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict, "str | None", int], None]
+# report(metrics, checkpoint_dir or None, step, before_marker=None): every rank, at the same steps. It owns
+# checkpoint_dir (a local folder holding this rank's committed checkpoint files): it copies the folder into the run's
+# storage, this rank's commit marker last (calling `before_marker` first), and removes it, now or in the background
+Report = Callable[..., None]
 
 
 def _never() -> bool:
@@ -83,6 +87,28 @@ def build_model_for(cfg: RunConfig, init: InitSpec | None = None, *, load_init: 
     return model
 
 
+def input_telemetry(loader: Any, since: dict[str, int], dt: float, device: torch.device) -> dict[str, float]:
+    """The loader's counters summed over ranks (one collective; every rank calls this): data/<bad-data counter>
+    totals and what the input pipeline did since `since` (this rank's counters at the window's start, `dt` seconds
+    ago): perf/store_mb_per_s (bytes read from storage by all ranks), perf/loader_samples_per_s (what one rank's
+    loader can deliver: its workers' samples per second of production time (reading, decoding, augmenting) times
+    its workers; compare with perf/images_per_s / world size), data/bytes_per_sample, data/bytes_read."""
+    now = loader.counters()
+    delta = [float(now[k] - since.get(k, 0)) for k in TELEMETRY_NAMES]
+    summed = all_reduce_sum([float(now[k]) for k in COUNTER_NAMES] + delta, device)
+    total = dict(zip(COUNTER_NAMES, summed))
+    window = dict(zip(TELEMETRY_NAMES, summed[len(COUNTER_NAMES):]))
+    out = {f"data/{k}": total[k] for k in BAD_DATA_NAMES}
+    out["data/bytes_read"] = total["bytes_read"]
+    out["perf/store_mb_per_s"] = window["bytes_read"] / dt / 1e6
+    if total["samples"]:
+        out["data/bytes_per_sample"] = total["bytes_read"] / total["samples"]
+    if window["busy_ms"] > 0:
+        per_worker = window["samples"] / (window["busy_ms"] / 1e3)
+        out["perf/loader_samples_per_s"] = per_worker * max(1, loader.data.num_workers)
+    return out
+
+
 def _grad_norm(engine: Any) -> float | None:
     g = engine.get_global_grad_norm()
     if g is None:
@@ -117,7 +143,8 @@ def _restored_state(restore_dir: str, rank: int, world_size: int) -> tuple[dict[
 def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: str | None, report: Report,
                  should_stop: Callable[[], bool] = _never) -> dict[str, Any]:
     """Trains `spec.config` on this rank. `restore_dir`: a complete training checkpoint to continue from.
-    `report(metrics, checkpoint_dir_or_None, step)` is called by every rank at the same steps. Returns the last
+    `report(metrics, checkpoint_dir_or_None, step, before_marker=...)` is called by every rank at the same steps
+    (see `Report`: it takes the checkpoint folder over). Returns the last
     step's metrics with "step" and "stopped"."""
     from pipeline.data.loader import build_loader
     from pipeline.data.transforms import to_model_input
@@ -175,7 +202,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         # metrics up to a checkpoint are as durable as the checkpoint (a restart resumes after it and would
         # not log them again); bounded, so an unreachable tracking server does not stall training
         sink.flush(timeout_s=10.0)
-        with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as tmp:
+        tmp = tempfile.mkdtemp(prefix="vitpipe-ckpt-")  # handed to `report`, which uploads and removes it
+        try:
             if ema is not None:  # before the commit marker: a committed checkpoint always holds its average
                 ema.save(tmp, device)
             ckpt.save_train_checkpoint(engine, tmp, step=step, rank=rank, world_size=world_size,
@@ -183,9 +211,14 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                                        extra={"model": engine.module.cfg.model_dump(mode="json"),
                                               "config": cfg.model_dump(mode="json")},
                                        before_commit=lambda: hooks.before_commit(info, step))
-            report({**metrics, "step": step, "stopped": float(stopped)}, tmp, step)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        report({**metrics, "step": step, "stopped": float(stopped)}, tmp, step,
+               before_marker=lambda: hooks.before_upload_commit(info, step))
 
     window_t = time.perf_counter()
+    window_io = train_loader.counters()  # this rank's loader counters at the window's start
     window_wait = 0.0
     window_steps = 0
     try:
@@ -223,9 +256,6 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
             metrics: dict[str, float] = {}
             if step % tr.log_every == 0 or step == tr.steps or stopping:
                 dt = time.perf_counter() - window_t
-                counters = train_loader.counters()
-                keys = sorted(counters)
-                summed = all_reduce_sum([float(counters[k]) for k in keys], device)
                 ips = window_steps * tr.global_batch / dt
                 metrics.update({
                     "train/loss": loss_global,
@@ -233,7 +263,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                     "perf/images_per_s": ips,
                     "perf/step_time_s": dt / window_steps,
                     "perf/data_wait_fraction": min(1.0, window_wait / dt),
-                    **{f"data/{k}": v for k, v in zip(keys, summed)},
+                    **input_telemetry(train_loader, window_io, dt, device),
                 })
                 gn = _grad_norm(engine)
                 if gn is not None:
@@ -250,6 +280,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 save(step, metrics, stopping)
             if metrics or saved:  # logging, evaluation and checkpoints stay out of the next throughput window
                 window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                window_io = train_loader.counters()
             last = {**metrics, "step": step, "stopped": stopping}
             if stopping:
                 log.warning("rank %d: stop requested; stopped after step %d with a committed checkpoint", rank, step)

@@ -158,6 +158,13 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
                 "val/prec1", "fewshot/synth_1shot", "fewshot/synth_2shot", "data/skipped_samples"):
         assert key in m, key
     assert 0.0 <= m["fewshot/synth_2shot"] <= 1.0 and 0.0 <= m["val/prec1"] <= 1.0
+    # input telemetry: what the loaders read from the S3 server, per sample, against the shards' own sizes (the
+    # ranks read whole shards; the last step's window may be short, so only the totals are compared exactly)
+    from pipeline.data.manifest import load_dataset_spec
+
+    manifest = load_dataset_spec(cfg.data.train, cfg.storage)
+    assert m["data/bytes_read"] > 0 and m["perf/store_mb_per_s"] >= 0 and m["perf/loader_samples_per_s"] > 0
+    assert 0.5 < m["data/bytes_per_sample"] / manifest.bytes_per_sample < 2.0, (m, manifest.bytes_per_sample)
     assert sorted(_history(mlflow_server.url, result.run_id, "val/loss")) == [3, 6]
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"deepspeed_config.json", "final"} <= artifacts

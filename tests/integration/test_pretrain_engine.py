@@ -69,11 +69,13 @@ def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_sto
 
     reports = []
 
-    def report(metrics, checkpoint_dir, step):
+    def report(metrics, checkpoint_dir, step, before_marker=None):
         assert checkpoint_dir is None or is_complete(checkpoint_dir)
         reports.append(step)
-        if keep_dir is not None and checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, keep_dir / f"step{step}")
+        if checkpoint_dir is not None:  # the report owns the folder (pipeline.train.loop.Report)
+            if keep_dir is not None:
+                shutil.copytree(checkpoint_dir, keep_dir / f"step{step}")
+            shutil.rmtree(checkpoint_dir)
 
     spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(sink=cfg.tracking.sink), init=init)
     last = run_training(spec, rank=0, world_size=1, restore_dir=restore_dir, report=report,

@@ -2,9 +2,11 @@
 run is resumed on another world size (2 workers -> 1) through DeepSpeed's universal checkpoint.
 
 One 2-worker Ray + DeepSpeed ZeRO-2 run (vit_pico4, 16 px, 8 steps, a checkpoint every 2 steps, 4 steps per epoch,
-max_failures=3) in which rank 1 is SIGKILLed three times, once per phase (tests/fixtures/hooks.FaultHooks):
+max_failures=4) in which rank 1 is SIGKILLed four times, once per phase (tests/fixtures/hooks.FaultHooks):
   step        at step 4, between backward and the optimizer step     -> resumes from checkpoint 2 (mid-epoch)
   data        at step 6, after the loader handed out the step's batch -> resumes from checkpoint 4 (epoch boundary)
+  upload      at step 6 again (after that restore), while checkpoint 6 uploads in the background and training has
+              gone on to step 7: rank 1's files are in storage, its marker is not -> resumes from checkpoint 4
   checkpoint  at step 8, after rank 1's DeepSpeed shard files were written, before its commit marker; rank 0's
               half of checkpoint 8 reaches storage, uncommitted      -> resumes from checkpoint 6, never 8
 Every rank records where it (re)started and each step's sample keys; the reference keys come from iterating the
@@ -32,8 +34,8 @@ from tests.fixtures.hooks import FaultHooks
 pytestmark = [pytest.mark.integration]
 
 STEPS = 8
-KILLS = {"step": 4, "data": 6, "checkpoint": 8}  # phase -> step; rank 1 each time
-RESUMED_FROM = {"step": 2, "data": 4, "checkpoint": 6}
+KILLS = {"step": 4, "data": 6, "upload": 6, "checkpoint": 8}  # phase -> step; rank 1 each time, in this order
+RESUMED_FROM = {"step": 2, "data": 4, "upload": 4, "checkpoint": 6}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def killed_run(fault_ray, fault_data, s3_server, mlflow_server, tmp_path_factory
     from pipeline.pretrain import run_pretraining
 
     tmp = tmp_path_factory.mktemp("killed")
-    cfg = fault_cfg("sigkill", fault_data["train"], s3_server, mlflow_server.url, "scaling.max_failures=3")
+    cfg = fault_cfg("sigkill", fault_data["train"], s3_server, mlflow_server.url, "scaling.max_failures=4")
     record = str(tmp / "record")
     kills = [{"step": s, "rank": 1, "phase": p, "marker": str(tmp / f"killed-{p}")} for p, s in KILLS.items()]
     t0 = time.monotonic()
@@ -63,6 +65,8 @@ def test_sigkill_phase_resumes_from_last_complete_checkpoint(killed_run, phase, 
     assert marker.exists(), f"the {phase} kill was not injected"
     killed = json.loads(marker.read_text())
     assert killed == {**killed, "rank": 1, "step": KILLS[phase], "phase": phase}
+    if phase == "upload":  # the upload ran in the background: training had gone past the checkpoint's step
+        assert killed["trained_to"] > KILLS[phase], killed
     # the rank-1 process that started after this kill (starts are in time order; the kills happen in step order)
     starts = _starts(read_record(record, 1))
     assert len(starts) == 1 + len(KILLS), starts
@@ -76,8 +80,8 @@ def test_sigkill_phase_resumes_from_last_complete_checkpoint(killed_run, phase, 
     assert _starts(read_record(record, 0))[idx + 1]["start_step"] == RESUMED_FROM[phase]
     # the steps re-run after the restore logged the same loss as before the kill (exact resume)
     losses = history(killed_run["cfg"].tracking.tracking_uri, killed_run["result"].run_id)
-    # (a kill while checkpointing comes after the step logged its loss: that step re-ran too)
-    rerun = list(range(RESUMED_FROM[phase] + 1, KILLS[phase] + (phase == "checkpoint")))
+    # (a kill while checkpointing or uploading comes after the step logged its loss: that step re-ran too)
+    rerun = list(range(RESUMED_FROM[phase] + 1, KILLS[phase] + (phase in ("checkpoint", "upload"))))
     for step in rerun:
         assert len(losses[step]) >= 2, (step, losses[step])
         assert all(math.isclose(v, losses[step][0], rel_tol=1e-6) for v in losses[step]), (step, losses[step])
@@ -114,7 +118,7 @@ def test_killed_run_finishes_with_uninterrupted_data_and_one_mlflow_run(killed_r
     keys = {o["Key"] for o in fault_buckets.list_objects_v2(Bucket="faults-runs", Prefix="runs/sigkill/")["Contents"]}
     assert {"runs/sigkill/checkpoint_00000008/COMMITTED.rank0", "runs/sigkill/checkpoint_00000008/COMMITTED.rank1",
             "runs/sigkill/final/model.json"} <= keys
-    report("SIGKILL run overall", {"kills": dict(KILLS), "max_failures": 3},
+    report("SIGKILL run overall", {"kills": dict(KILLS), "max_failures": 4},
            {**survived, "final step": result.step, "mlflow runs": len(runs),
             "wall_s": round(killed_run["wall_s"], 1)}, tmp_path)
 
