@@ -19,12 +19,9 @@ augmenting, from the loader's busy_ms counter) against the tight loop's, and the
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,27 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def make_jpegs(n: int) -> list[bytes]:
-    """500x375 q90 JPEGs cut from the two real photos scikit-learn ships (the figures in ENVIRONMENT.md use these)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        p = photos[i % 2]
-        y, x = rng.integers(0, p.shape[0] - 375 + 1), rng.integers(0, p.shape[1] - 500 + 1)
-        crop = p[y:y + 375, x:x + 500]
-        if i % 4 >= 2:
-            crop = crop[:, ::-1]
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+from common import JpegSource, make_jpegs, moto_server  # noqa: E402
 
 
 def tight_loop(jpegs: list[bytes], size: int, seconds: float) -> float:
@@ -105,12 +84,6 @@ def loader_rate(url: str, storage, size: int, batch: int, epochs: int, workers: 
             "mb": c["bytes_read"] / 1e6}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_s(pid: int) -> float:
     import psutil
 
@@ -131,41 +104,16 @@ def main() -> None:
 
     from pipeline.data.config import StorageConfig
     from pipeline.data.shards import write_shards
-    from pipeline.data.sources import Source, SourceItem
-    from pipeline.data.storage import get_filesystem
 
     jpegs = make_jpegs(args.images)
-
-    class Jpegs(Source):
-        kind, class_names = "bench", [str(i) for i in range(10)]
-
-        def __len__(self):
-            return len(jpegs)
-
-        def item(self, i):
-            return SourceItem(key=f"{i:08d}", data=jpegs[i], ext="jpg", label=i % 10)
-
     print(f"{len(jpegs)} JPEGs 500x375 q90, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB; "
           f"RandomResizedCrop {args.size} + flip; batch {args.batch}; {args.epochs} epochs per loader run; "
           f"cpus {os.cpu_count()}; {args.rounds} rounds, rotated order")
     tmp = Path(tempfile.mkdtemp(prefix="vitpipe-bench-"))
-    port = free_port()
-    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(creds)
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **creds}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        s3 = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}")
-        fs, _ = get_filesystem("s3://bench", s3)
-        fs.mkdir("bench")
-        local = write_shards(Jpegs(), str(tmp / "local"), samples_per_shard=64, progress=False)
-        remote = write_shards(Jpegs(), "s3://bench/ds", samples_per_shard=64, storage=s3, progress=False)
+    with moto_server() as (moto, endpoint):
+        s3 = StorageConfig(endpoint_url=endpoint)
+        local = write_shards(JpegSource(jpegs), str(tmp / "local"), samples_per_shard=64, progress=False)
+        remote = write_shards(JpegSource(jpegs), "s3://bench/ds", samples_per_shard=64, storage=s3, progress=False)
 
         for w in args.workers:
             runs: dict[str, list] = {"tight": [], "local": [], "s3": []}
@@ -189,20 +137,18 @@ def main() -> None:
             print(f"\n-- {w} worker(s) --")
             print(f"(1) decode + augment, tight loop, {w} process(es): {r1:8.1f} samples/s   "
                   f"({1e3 * w / r1:.2f} ms/sample per core)   runs {[round(x) for x in runs['tight']]}")
-            for tag, key, rate, ref, name in (("(2)", "local", r2, r1, "(2)/(1)"), ("(3)", "s3", r3, r2, "(3)/(2)")):
+            for label, key, rate, ref, name in (("(2) loader, local shards   ", "local", r2, r1, "(2)/(1)"),
+                                                ("(3) loader, moto S3 server ", "s3", r3, r2, "(3)/(2)")):
                 xs = runs[key]
-                print(f"{tag} loader, {'local shards' if key == 'local' else 'moto S3 server'}{' ' * (18 - len(key))}: "
-                      f"{rate:8.1f} samples/s   {name} = {rate / ref:.2f}   runs {[round(x['rate']) for x in xs]}")
+                print(f"{label}                   : {rate:8.1f} samples/s   {name} = {rate / ref:.2f}   "
+                      f"runs {[round(x['rate']) for x in xs]}")
                 print(f"      workers' production time {med([x['busy_ms'] for x in xs]):.2f} ms/sample "
                       f"(tight loop {1e3 * w / r1:.2f}); epoch start-up {med([x['start_s'] for x in xs]):.2f} s; "
                       f"{med([x['mb'] for x in xs]) / args.epochs:.1f} MB read per epoch")
             print(f"      moto server CPU during (3): {med(moto_cpu):.2f} cores (of {os.cpu_count()})")
             print(f"targets: (2)/(1) >= 0.9: {'met' if r2 / r1 >= 0.9 else 'MISSED'}; "
                   f"(3)/(2) >= 0.97: {'met' if r3 / r2 >= 0.97 else 'MISSED'}")
-    finally:
-        moto.terminate()
-        moto.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,6 @@ class DataConfig(BaseModel):
     decode_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (exactly "
         "resumable); 'cuda' on the worker's GPU, JPEGs batched through nvJPEG (needs scaling.use_gpu)")
+    synthetic: bool = Field(
+        False, description="benchmarking: every step trains on the first micro-batch of data.train, read and "
+        "decoded once (the loop, its counters and logging unchanged): perf/step_time_s without the input pipeline")

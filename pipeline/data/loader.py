@@ -223,7 +223,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                             raise ValueError("no image member")
                         if self.defer_decode:  # the header only; decoded with its batch on the device
                             check_image(data)
-                            image = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                            image = data
                         else:
                             image = decode_image(data, self.in_chans)
                     except Exception as e:
@@ -249,15 +249,24 @@ class _SlotStream(torch.utils.data.IterableDataset):
             count_io()
             counters["samples"] += bs
             counters["busy_ms"] += round((time.perf_counter() - t0) * 1000)
-            meta = [role, pos, done] + [counters[k] - base[k] for k in COUNTER_NAMES]
+            # One tensor crosses to the training process through shared memory (each costs a file-descriptor
+            # round trip to this worker); the small fields travel pickled and become tensors there (_as_tensors).
             yield {
                 **batch,
-                "label": torch.stack(labels) if self.label_type == "multi" else torch.tensor(labels, dtype=torch.int64),
+                "label": torch.stack(labels) if self.label_type == "multi" else labels,  # multi-hot: a tensor
                 "key": keys,
-                "valid": torch.tensor(own, dtype=torch.bool),
-                "index": torch.tensor(index, dtype=torch.int64),
-                "_meta": torch.tensor(meta, dtype=torch.int64),
+                "valid": own,
+                "index": index,
+                "_meta": [role, pos, done] + [counters[k] - base[k] for k in COUNTER_NAMES],
             }
+
+
+def _as_tensors(batch: dict[str, Any]) -> None:
+    """A worker's batch in the form the loader hands out: labels, valid and index as tensors."""
+    if not isinstance(batch["label"], torch.Tensor):
+        batch["label"] = torch.tensor(batch["label"], dtype=torch.int64)
+    batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
+    batch["index"] = torch.tensor(batch["index"], dtype=torch.int64)
 
 
 def _stack(images: list[torch.Tensor], in_worker: bool) -> torch.Tensor:
@@ -301,6 +310,7 @@ class StreamingLoader:
         self.epoch = 0
         self._reset_epoch_position()
         self._base_counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._prestarted: tuple[int, Iterator[dict[str, Any]]] | None = None  # (epoch, its started workers)
 
     # --- epochs and state ---------------------------------------------------------------------------------------
     def _reset_epoch_position(self) -> None:
@@ -380,8 +390,13 @@ class StreamingLoader:
         self._worker_batches = [int(b) for b in state["worker_batches"]]
 
     # --- iteration ----------------------------------------------------------------------------------------------
-    def _dataset(self) -> _SlotStream:
-        # This rank's runs for the epoch, computed once here; each worker receives only those and their URLs.
+    def _dataset(self, next_epoch: bool = False) -> _SlotStream:
+        """The workers' stream for the rest of the current epoch, or (`next_epoch`) for the next one from its start.
+        This rank's runs for the epoch are computed once here; each worker receives only those and their URLs."""
+        epoch = self.epoch + 1 if next_epoch else self.epoch
+        positions = [0] * self.plan.workers if next_epoch else list(self._positions)
+        worker_batches = [0] * self.plan.workers if next_epoch else list(self._worker_batches)
+        batches = 0 if next_epoch else self._batches
         urls: list[str] = []
         offsets: list[int] = []
         local: dict[int, int] = {}
@@ -391,7 +406,7 @@ class StreamingLoader:
         starts = np.concatenate([[0], np.cumsum(self.manifest.samples_per_shard)[:-1]])
         for role in range(self.plan.workers):
             run = []
-            for shard, skip, take in self.plan.segments(self.data.seed, self.epoch, self.rank, role):
+            for shard, skip, take in self.plan.segments(self.data.seed, epoch, self.rank, role):
                 if shard not in local:
                     local[shard] = len(urls)
                     urls.append(self.manifest.shards[shard])
@@ -402,9 +417,9 @@ class StreamingLoader:
         return _SlotStream(
             shards=urls, offsets=offsets, segments=segments, excluded=excluded,
             own=[self.plan.own_samples(self.rank, w) for w in range(self.plan.workers)], batch_size=self.plan.batch_size,
-            batches_per_slot=self.plan.batches_per_slot, seed=self.data.seed, epoch=self.epoch, rank=self.rank,
-            positions=list(self._positions), batches_done=list(self._worker_batches),
-            rotation=self._batches % self.plan.workers, data=self.data, storage=self.storage,
+            batches_per_slot=self.plan.batches_per_slot, seed=self.data.seed, epoch=epoch, rank=self.rank,
+            positions=positions, batches_done=worker_batches,
+            rotation=batches % self.plan.workers, data=self.data, storage=self.storage,
             image_size=self.image_size, in_chans=self.in_chans, train=self.train,
             label_type=self.manifest.label_type, num_classes=self.num_classes,
             defer_decode=self.batch_decode_device is not None)
@@ -413,7 +428,8 @@ class StreamingLoader:
         """A deferred batch's images decoded on `batch_decode_device` and augmented there with the same seeded
         draws a worker makes (the same crops as CPU decoding). An image that passed the header check but does not
         decode is zeros, marked not valid and counted as a bad image."""
-        images = decode_batch(batch.pop("encoded"), self.batch_decode_device, self.in_chans)
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch.pop("encoded")]
+        images = decode_batch(encoded, self.batch_decode_device, self.in_chans)
         bad = [i for i, im in enumerate(images) if im is None]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(batch.pop("aug_seed")))
@@ -427,32 +443,55 @@ class StreamingLoader:
             batch["valid"][bad] = False
         batch["image"] = torch.stack(out)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """One epoch (the rest of it, after a restore): `len(self)` batches in total. When the epoch is done the
-        loader moves on to the next one."""
-        if self._batches >= len(self):
-            self.set_epoch(self.epoch + 1)
+    def _workers(self, next_epoch: bool = False) -> Iterator[dict[str, Any]]:
+        """A started DataLoader iterator (its workers forked and producing) over `_dataset(next_epoch)`."""
         nw = self.data.num_workers
-        loader = torch.utils.data.DataLoader(
-            self._dataset(), batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
+        return iter(torch.utils.data.DataLoader(
+            self._dataset(next_epoch), batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
             multiprocessing_context=_WORKER_START if nw > 0 else None,
-            prefetch_factor=self.data.prefetch_factor if nw > 0 else None, persistent_workers=False)
-        for batch in loader:
-            meta = batch.pop("_meta").tolist()
+            prefetch_factor=self.data.prefetch_factor if nw > 0 else None, persistent_workers=False))
+
+    def _iterate(self, batches: Iterator[dict[str, Any]], prestart: bool) -> Iterator[dict[str, Any]]:
+        """The current epoch's batches from `batches`, recorded as handed out. `prestart`: once the epoch's last
+        batches are in flight, the next epoch's workers are started (`self._prestarted`), so its first batch is
+        ready when this epoch ends instead of waiting for the workers' start-up."""
+        ahead = max(1, self.data.num_workers) * self.data.prefetch_factor
+        for batch in batches:
+            meta = batch.pop("_meta")
+            _as_tensors(batch)
             role = meta[0]
             self._positions[role], self._worker_batches[role] = meta[1], meta[2]
             self._epoch_counters[role] = dict(zip(COUNTER_NAMES, meta[_META:]))
             self._batches += 1
             if "encoded" in batch:
                 self._decode(batch)
+            if prestart and self._prestarted is None and self.data.num_workers > 0 and \
+                    len(self) - self._batches <= ahead:
+                self._prestarted = (self.epoch + 1, self._workers(next_epoch=True))
             yield batch
         if self._batches >= len(self):
             self.set_epoch(self.epoch + 1)
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch (the rest of it, after a restore): `len(self)` batches in total. When the epoch is done the
+        loader moves on to the next one."""
+        if self._batches >= len(self):
+            self.set_epoch(self.epoch + 1)
+        yield from self._iterate(self._workers(), prestart=False)
+
     def infinite(self) -> Iterator[dict[str, Any]]:
-        """Batches forever, epoch after epoch."""
+        """Batches forever, epoch after epoch; each epoch's workers start while the previous epoch's last batches
+        are consumed."""
+        self._prestarted = None
         while True:
-            yield from self
+            if self._batches >= len(self):
+                self.set_epoch(self.epoch + 1)
+            started, self._prestarted = self._prestarted, None
+            if started is not None and started[0] == self.epoch and self._batches == 0:
+                batches = started[1]
+            else:
+                batches = self._workers()
+            yield from self._iterate(batches, prestart=True)
 
 
 def build_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: StorageConfig | None = None, *,

@@ -14,6 +14,7 @@ was in progress from its beginning with the new sharding (see pipeline.data.load
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import tempfile
@@ -189,6 +190,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     if state.get("loader") is not None:
         train_loader.load_state_dict(state["loader"])
     batches: Iterator[dict] = train_loader.infinite()
+    if cfg.data.synthetic:  # one real batch, again and again: the step without the input pipeline
+        batches = itertools.repeat(next(batches))
 
     sink = build_sink(spec.run, rank)
     flops_per_image = 3 * forward_flops(cfg.model)

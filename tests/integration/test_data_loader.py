@@ -281,3 +281,23 @@ def test_plain_webdataset_reads_our_shards(store):
         "png", "cls")
     samples = list(ds)
     assert len(samples) == 20 and samples[3][1] == 3 and samples[0][0].size == (16, 16)
+
+
+def test_infinite_starts_each_epochs_workers_early_and_yields_the_same_stream(store):
+    """`infinite()` forks the next epoch's workers while the current epoch's last batches are consumed; the
+    batches are exactly those of iterating epoch by epoch."""
+    base, storage = store
+    url = _write(base, storage, 48, 8)
+    data = _data(url, num_workers=2)
+    by_epoch = build_loader(url, data, storage, batch_size=4, image_size=16)
+    expected = [b["key"] for _ in range(3) for b in by_epoch]
+    loader = build_loader(url, data, storage, batch_size=4, image_size=16)
+    stream = loader.infinite()
+    got, prestarted_at = [], None
+    for _ in range(len(expected)):
+        got.append(next(stream)["key"])
+        if prestarted_at is None and loader._prestarted is not None:
+            prestarted_at = len(got)
+    assert got == expected
+    # started before the first epoch ended, while its last prefetched batches were still to be handed out
+    assert prestarted_at is not None and prestarted_at < len(loader), (prestarted_at, len(loader))
