@@ -57,7 +57,7 @@ def _cfg(shards, tmp_path, *over):
     ])
 
 
-def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_stop=None):
+def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_stop=None, hooks=None):
     """Runs the loop; every reported checkpoint must be complete; the last one is copied to `keep_dir`."""
     import shutil
 
@@ -77,7 +77,8 @@ def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_sto
                 shutil.copytree(checkpoint_dir, keep_dir / f"step{step}")
             shutil.rmtree(checkpoint_dir)
 
-    spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(sink=cfg.tracking.sink), init=init)
+    spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(sink=cfg.tracking.sink), init=init,
+                      **({"hooks": hooks} if hooks is not None else {}))
     last = run_training(spec, rank=0, world_size=1, restore_dir=restore_dir, report=report,
                         **({"should_stop": should_stop} if should_stop else {}))
     return last, reports
@@ -213,3 +214,19 @@ def test_final_export_is_the_same_model_for_every_zero_stage(process_group, shar
             torch.testing.assert_close(exported[stage][k], exported[0][k], rtol=1e-5, atol=1e-6)
     # and training moved the weights (a zero-initialised head that is still zero would prove nothing)
     assert exported[0]["head.weight"].abs().sum() > 0
+
+
+def test_synthetic_data_trains_every_step_on_the_first_real_batch(process_group, shards, tmp_path):
+    """data.synthetic (the memory-fed reference of benchmarks/data_wait.py): the loop runs as usual, every step on
+    the first micro-batch the loader gave, which is the real loader's first batch."""
+    from pipeline.data.loader import build_loader
+    from tests.fixtures.faults import read_record
+    from tests.fixtures.hooks import FaultHooks
+
+    cfg = _cfg(shards, tmp_path, "data.synthetic=true", "train.steps=4")
+    record = tmp_path / "record"
+    last, reports = _train(cfg, hooks=FaultHooks(record=str(record)))
+    steps = [e for e in read_record(record, 0) if e["event"] == "step"]
+    first = next(iter(build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=16, image_size=16)))["key"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["keys"] == first for e in steps)
+    assert last["step"] == 4 and reports == [4] and last["perf/store_mb_per_s"] == 0.0
