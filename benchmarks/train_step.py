@@ -1,13 +1,18 @@
-"""Overhead of our distributed training step: Ray Train + DeepSpeed ZeRO-2 (2 CPU workers, gloo) against plain
-torch.distributed DDP (2 processes, gloo), same model, same in-memory batch, same optimizer (AdamW), fp32.
+"""Overhead of our distributed training step, through the real loop: `run_training` under Ray Train + DeepSpeed
+ZeRO-2 (the code a job runs: pipeline.launch.trainer.fit, loader, counters, stdout sink; checkpoint and evaluation
+steps out of the timed range) against plain torch.distributed DDP fed by the same loader (2 processes, gloo, AdamW,
+gradient clipping, fp32). Between them, to say where the time goes: the same Ray + DeepSpeed engine in a hand loop
+(forward, backward, step; no counters, no sink, no per-step collective), which also times the per-step all-reduce
+the real loop makes (loss + stop vote) on its own. Rounds alternate the three, the order rotating each round.
 Then the per-rank model-state memory of ZeRO 1/2/3 (bf16 mixed precision, 2 ranks) against the ZeRO paper's
 formula (Rajbhandari et al. 2020: 16 bytes/param = 2 fp16 params + 2 fp16 grads + 12 fp32 master+Adam; per rank
 stage 1: 4 + 12/N, stage 2: 2 + 14/N, stage 3: 16/N).
 
-    .venv/bin/python benchmarks/train_step.py                      # vit_nano4 32 px, micro 32, 30 steps
-    .venv/bin/python benchmarks/train_step.py --variant vit_pico4 --image-size 28 --steps 50
+    .venv/bin/python benchmarks/train_step.py                      # vit_nano4 32 px, micro 32, 3 rounds
+    .venv/bin/python benchmarks/train_step.py --skip-memory --rounds 3
     .venv/bin/python benchmarks/train_step.py --skip-speed          # memory table only
 
+Step time = mean over the steps after the warm-up (rank 0; ranks move in lockstep), logging steps included.
 Memory is measured as the bytes of every live tensor storage the rank holds after one optimizer step (found
 through the garbage collector, deduplicated by storage), minus what it held before the engine existed, taken after
 the second backward pass (gradients and Adam moments both live): the parameters, gradient buffers, fp32 master
@@ -18,155 +23,194 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vitpipe" / "torch_extensions"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
+from common import JpegSource, free_port, make_jpegs  # noqa: E402
+
+from pipeline.train.hooks import TrainHooks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(args, stage: int, precision: str, workers: int):
+def _cfg(args, stage: int, precision: str, workers: int, data: str | None = None, over: tuple = ()):
     from pipeline.config import load_config
 
-    return load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/smoke.yaml", [
+    return load_config(ROOT / "configs/pretrain/smoke.yaml", [
         f"model.name={args.variant}", f"model.image_size={args.image_size}", "model.num_classes=10",
         f"train.micro_batch={args.batch}", f"train.global_batch={args.batch * workers}",
         f"train.steps={args.steps + args.warmup}", f"train.zero.stage={stage}", f"train.precision={precision}",
         "train.schedule.warmup_steps=0", "train.schedule.decay=constant", f"scaling.num_workers={workers}",
-        "tracking.sink=stdout",
+        "tracking.sink=stdout", "data.num_workers=1", "data.shuffle_buffer=64",
+        f"train.zero.bucket_elements={args.bucket}", *([f"data.train={data}"] if data else []), *over,
     ])
 
 
-def _batch(args, rank: int):
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    return x, y
+def _mean_step_s(times: list[float], warmup: int) -> float:
+    """Mean step time after the warm-up, from the times each step ended."""
+    return (times[-1] - times[warmup - 1]) / (len(times) - warmup)
 
 
-# -- Ray + DeepSpeed --------------------------------------------------------------------------------------------
-def _ray_deepspeed_worker(config: dict) -> None:
+class StepClock(TrainHooks):
+    """Rank 0 appends the time each step ends to a file (the loop's own hooks: nothing else added to it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_step(self, info, step, loss, keys):
+        if info.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{time.perf_counter()}\n")
+
+
+# -- the real loop: run_training under Ray Train + DeepSpeed -----------------------------------------------------
+def ours_step_s(args, data: str) -> float:
+    from pipeline.launch.trainer import fit
+    from pipeline.tracking.run import RunRef
+
+    with tempfile.TemporaryDirectory() as d:
+        clock = Path(d, "clock.txt")
+        cfg = _cfg(args, 2, "fp32", 2, data, (f"name=bench-{time.time_ns()}", f"scaling.storage_path={d}/runs",
+                                              f"train.log_every={args.log_every}",
+                                              f"train.checkpoint_every={10 * args.steps}",
+                                              f"train.eval_every={10 * args.steps}"))
+        fit(cfg, run=RunRef(sink="stdout"), hooks=StepClock(str(clock)))
+        times = [float(x) for x in clock.read_text().split()]
+    return _mean_step_s(times, args.warmup)
+
+
+# -- the same engine in a hand loop -------------------------------------------------------------------------------
+def _hand_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from pipeline.data.loader import build_loader
+    from pipeline.data.transforms import to_model_input
     from pipeline.model import build_model
     from pipeline.train.engine import build_engine
     from pipeline.train.loop import compute_loss
     from pipeline.train.optim import param_groups
 
-    torch.set_num_threads(1)
     args = argparse.Namespace(**config["args"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = _cfg(args, 2, "fp32", world)
+    cfg = _cfg(args, 2, "fp32", world, config["data"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     engine = build_engine(model, cfg.train, world, param_groups(model, cfg.train.optim.weight_decay))
-    x, y = _batch(args, rank)
-    times = []
-    for step in range(args.warmup + args.steps):
-        t = time.perf_counter()
-        loss = compute_loss("softmax", engine(x), y)
+    loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=args.batch, image_size=args.image_size,
+                          rank=rank, world_size=world, num_classes=10)
+    batches = loader.infinite()
+    ends, reduce_s = [], []
+    for _ in range(args.warmup + args.steps):
+        batch = next(batches)
+        x = to_model_input(batch["image"], engine.device, torch.float32, cfg.data.augment)
+        loss = compute_loss("softmax", engine(x), batch["label"])
         engine.backward(loss)
         engine.step()
-        # what the real loop adds per step: the global loss (all-reduce) and its finiteness check
-        t_loss = loss.detach().double().reshape(1)
-        dist.all_reduce(t_loss)
-        if not torch.isfinite(t_loss).all():
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t)
-    import json
-    import tempfile
-
-    # Ray Train V2 keeps metrics only with a checkpoint: report a tiny one holding the timing
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, f"step_s.rank{rank}.json").write_text(json.dumps(statistics.median(times)))
-        ray.train.report({"step_s": statistics.median(times)}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ends.append(time.perf_counter())
+        # the real loop's per-step collective (loss + stop vote), timed apart and left out of the step
+        t = time.perf_counter()
+        v = torch.tensor([float(loss.detach()), 0.0], dtype=torch.float64)
+        dist.all_reduce(v)
+        reduce_s.append(time.perf_counter() - t)
+    out = {"step_s": _mean_step_s(_shift(ends, reduce_s), args.warmup),
+           "reduce_s": statistics.median(reduce_s[args.warmup:])}
+    with tempfile.TemporaryDirectory() as d:  # Ray Train V2 keeps metrics only with a checkpoint
+        Path(d, f"hand.rank{rank}.json").write_text(json.dumps(out))
+        ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def ray_deepspeed_steps_per_s(args) -> float:
+def _shift(ends: list[float], excluded: list[float]) -> list[float]:
+    """Step end times with the time spent in each step's excluded part (after its end) taken out of the later
+    steps."""
+    out, removed = [], 0.0
+    for t, x in zip(ends, excluded):
+        out.append(t - removed)
+        removed += x
+    return out
+
+
+def hand_step_s(args, data: str) -> dict:
     from pipeline.launch.trainer import connect_ray
 
-    connect_ray()  # before importing ray.train: a local Ray on 127.0.0.1
+    connect_ray()
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import tempfile
-
-    trainer = TorchTrainer(
-        _ray_deepspeed_worker, train_loop_config={"args": vars(args)}, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"bench-{int(time.time())}", storage_path=tempfile.mkdtemp()),
-    )
-    result = trainer.fit()
-    import json
-
-    with result.checkpoint.as_directory() as d:  # the slowest rank sets the pace
-        return 1.0 / max(json.loads(f.read_text()) for f in Path(d).glob("step_s.rank*.json"))
+    with tempfile.TemporaryDirectory() as d:
+        trainer = TorchTrainer(
+            _hand_worker, train_loop_config={"args": vars(args), "data": data},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name=f"bench-hand-{time.time_ns()}", storage_path=d),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as c:
+            return json.loads(Path(c, "hand.rank0.json").read_text())
 
 
 # -- plain DDP --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, args, out) -> None:
+def _ddp_worker(rank: int, world: int, port: int, args, data: str, out) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from pipeline.data.loader import build_loader
+    from pipeline.data.transforms import to_model_input
     from pipeline.model import build_model
     from pipeline.train.loop import compute_loss
     from pipeline.train.optim import param_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = _cfg(args, 0, "fp32", world)
+    cfg = _cfg(args, 0, "fp32", world, data)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ddp = DDP(model)
     o = cfg.train.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    x, y = _batch(args, rank)
-    times = []
-    for step in range(args.warmup + args.steps):
-        t = time.perf_counter()
-        loss = compute_loss("softmax", ddp(x), y)
+    loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=args.batch, image_size=args.image_size,
+                          rank=rank, world_size=world, num_classes=10)
+    batches = loader.infinite()
+    ends = []
+    for _ in range(args.warmup + args.steps):
+        batch = next(batches)
+        x = to_model_input(batch["image"], torch.device("cpu"), torch.float32, cfg.data.augment)
+        loss = compute_loss("softmax", ddp(x), batch["label"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
-        t_loss = loss.detach().double().reshape(1)
-        dist.all_reduce(t_loss)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t)
-    out.put((rank, statistics.median(times)))
+        ends.append(time.perf_counter())
+    out.put((rank, _mean_step_s(ends, args.warmup)))
     dist.destroy_process_group()
 
 
-def ddp_steps_per_s(args) -> float:
+def ddp_step_s(args, data: str) -> float:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, args, q)) for r in range(2)]
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, args, data, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = [q.get(timeout=900) for _ in procs]
+    res = dict(q.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    return 1.0 / max(t for _, t in res)
+    return res[0]
 
 
 # -- ZeRO memory ------------------------------------------------------------------------------------------------
@@ -229,7 +273,7 @@ def zero_memory(args, stage: int) -> tuple[float, int]:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_memory_worker, args=(r, 2, port, args, stage, q)) for r in range(2)]
     for p in procs:
         p.start()
@@ -244,9 +288,11 @@ def main() -> int:
     p.add_argument("--variant", default="vit_nano4")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32, help="micro batch per worker")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=2, help="alternating DDP / Ray+DeepSpeed rounds")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="run_training's train.log_every")
+    p.add_argument("--images", type=int, default=2048, help="JPEGs in the local shards all three read")
+    p.add_argument("--rounds", type=int, default=3, help="rotating DDP / hand loop / run_training rounds")
     p.add_argument("--mem-variant", default="vit_s16")
     p.add_argument("--mem-image-size", type=int, default=32)
     p.add_argument("--bucket", type=int, default=2_000_000,
@@ -256,17 +302,38 @@ def main() -> int:
     args = p.parse_args()
 
     if not args.skip_speed:
-        ddp, ours = [], []
-        for r in range(args.rounds):  # alternate, so drift on a shared machine hits both
-            ddp.append(ddp_steps_per_s(args))
-            ours.append(ray_deepspeed_steps_per_s(args))
-            print(f"round {r}: DDP {ddp[-1]:.2f} steps/s, Ray+DeepSpeed ZeRO-2 {ours[-1]:.2f} steps/s", flush=True)
-        d, o = statistics.median(ddp), statistics.median(ours)
-        print(f"\n{args.variant} {args.image_size}px, micro batch {args.batch}, 2 CPU workers, fp32, "
-              f"median of {args.rounds} rounds x {args.steps} steps")
-        print(f"  plain DDP (torch.distributed, gloo)   {d:8.2f} steps/s  {d * 2 * args.batch:8.1f} img/s")
-        print(f"  Ray Train + DeepSpeed ZeRO-2          {o:8.2f} steps/s  {o * 2 * args.batch:8.1f} img/s")
-        print(f"  ratio ours/DDP {o / d:.3f}  (overhead {100 * (1 - o / d):+.1f}%; target <= 10%)")
+        from pipeline.data.shards import write_shards
+
+        tmp = tempfile.mkdtemp(prefix="vitpipe-bench-step-")
+        data = write_shards(JpegSource(make_jpegs(args.images, (48, 48))), f"{tmp}/ds", samples_per_shard=128,
+                            progress=False)
+        runs = {"ddp": [], "hand": [], "ours": []}
+        steps = [("ddp", lambda: ddp_step_s(args, data)), ("hand", lambda: hand_step_s(args, data)),
+                 ("ours", lambda: ours_step_s(args, data))]
+        for r in range(args.rounds):  # alternate, so drift on a shared machine hits all three
+            for name, fn in steps[r % 3:] + steps[:r % 3]:
+                runs[name].append(fn())
+            print(f"round {r}: DDP {1e3 * runs['ddp'][-1]:.1f} ms, Ray+DeepSpeed hand loop "
+                  f"{1e3 * runs['hand'][-1]['step_s']:.1f} ms, run_training {1e3 * runs['ours'][-1]:.1f} ms per step",
+                  flush=True)
+        d = statistics.median(runs["ddp"])
+        h = statistics.median([x["step_s"] for x in runs["hand"]])
+        red = statistics.median([x["reduce_s"] for x in runs["hand"]])
+        o = statistics.median(runs["ours"])
+        print(f"\n{args.variant} {args.image_size}px, micro batch {args.batch}, 2 CPU workers (gloo), fp32, the same "
+              f"loader (1 worker per rank, {args.images} JPEG 48x48 local shards); median of {args.rounds} rounds, "
+              f"mean of {args.steps} steps after {args.warmup}")
+        print(f"  plain DDP (torch.distributed)                 {1e3 * d:7.1f} ms/step  {2 * args.batch / d:7.1f} img/s")
+        print(f"  Ray Train + DeepSpeed ZeRO-2, hand loop        {1e3 * h:7.1f} ms/step  {2 * args.batch / h:7.1f} img/s")
+        print(f"  Ray Train + DeepSpeed ZeRO-2, run_training     {1e3 * o:7.1f} ms/step  {2 * args.batch / o:7.1f} img/s")
+        print(f"  ratio run_training / DDP (throughput) = {d / o:.3f}   (overhead {100 * (o / d - 1):+.1f}%; "
+              f"target >= 0.95: {'met' if d / o >= 0.95 else 'MISSED'})")
+        print("  where the time goes (per step):")
+        print(f"    DeepSpeed engine + Ray vs DDP (hand loop - DDP): {1e3 * (h - d):+7.1f} ms  "
+              f"(ZeRO-2 reduce bucket {args.bucket:,} elements)")
+        print(f"    the loop's additions (run_training - hand loop): {1e3 * (o - h):+7.1f} ms, of which the per-step "
+              f"loss/stop all-reduce {1e3 * red:.2f} ms; the rest: counters' all-reduce and the sink every "
+              f"{args.log_every} steps, seeding, hooks")
 
     if not args.skip_memory:
         print(f"\nper-rank model-state memory, {args.mem_variant}, bf16 mixed precision, AdamW, N = 2 ranks")
