@@ -82,7 +82,7 @@ def ours_step_s(args, data: str) -> float:
 
     with tempfile.TemporaryDirectory() as d:
         clock = Path(d, "clock.txt")
-        cfg = _cfg(args, 2, "fp32", 2, data, (f"name=bench-{time.time_ns()}", f"scaling.storage_path={d}/runs",
+        cfg = _cfg(args, args.stage, "fp32", 2, data, (f"name=bench-{time.time_ns()}", f"scaling.storage_path={d}/runs",
                                               f"train.log_every={args.log_every}",
                                               f"train.checkpoint_every={10 * args.steps}",
                                               f"train.eval_every={10 * args.steps}"))
@@ -106,7 +106,7 @@ def _hand_worker(config: dict) -> None:
     args = argparse.Namespace(**config["args"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = _cfg(args, 2, "fp32", world, config["data"])
+    cfg = _cfg(args, args.stage, "fp32", world, config["data"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     engine = build_engine(model, cfg.train, world, param_groups(model, cfg.train.optim.weight_decay))
@@ -297,6 +297,7 @@ def main() -> int:
     p.add_argument("--mem-image-size", type=int, default=32)
     p.add_argument("--bucket", type=int, default=2_000_000,
                    help="ZeRO communication bucket (elements); DeepSpeed's default 5e8 would dominate small models")
+    p.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage of the Ray + DeepSpeed runs")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args()
@@ -324,13 +325,13 @@ def main() -> int:
               f"loader (1 worker per rank, {args.images} JPEG 48x48 local shards); median of {args.rounds} rounds, "
               f"mean of {args.steps} steps after {args.warmup}")
         print(f"  plain DDP (torch.distributed)                 {1e3 * d:7.1f} ms/step  {2 * args.batch / d:7.1f} img/s")
-        print(f"  Ray Train + DeepSpeed ZeRO-2, hand loop        {1e3 * h:7.1f} ms/step  {2 * args.batch / h:7.1f} img/s")
-        print(f"  Ray Train + DeepSpeed ZeRO-2, run_training     {1e3 * o:7.1f} ms/step  {2 * args.batch / o:7.1f} img/s")
+        print(f"  Ray Train + DeepSpeed ZeRO-{args.stage}, hand loop        {1e3 * h:7.1f} ms/step  {2 * args.batch / h:7.1f} img/s")
+        print(f"  Ray Train + DeepSpeed ZeRO-{args.stage}, run_training     {1e3 * o:7.1f} ms/step  {2 * args.batch / o:7.1f} img/s")
         print(f"  ratio run_training / DDP (throughput) = {d / o:.3f}   (overhead {100 * (o / d - 1):+.1f}%; "
               f"target >= 0.95: {'met' if d / o >= 0.95 else 'MISSED'})")
         print("  where the time goes (per step):")
         print(f"    DeepSpeed engine + Ray vs DDP (hand loop - DDP): {1e3 * (h - d):+7.1f} ms  "
-              f"(ZeRO-2 reduce bucket {args.bucket:,} elements)")
+              f"(ZeRO-{args.stage} reduce bucket {args.bucket:,} elements)")
         print(f"    the loop's additions (run_training - hand loop): {1e3 * (o - h):+7.1f} ms, of which the per-step "
               f"loss/stop all-reduce {1e3 * red:.2f} ms; the rest: counters' all-reduce and the sink every "
               f"{args.log_every} steps, seeding, hooks")
