@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from pipeline.tracking.registry import CODE_VERSION_ENV, code_version
+
 __all__ = [
     "PROJECT_DIR", "JOB_MODULES", "FORWARDED_ENV", "WORKING_DIR_EXCLUDES", "Submission", "build_submission",
     "runtime_env_for", "redact", "secret_scrubber", "default_address", "job_client", "submit", "follow", "wait",
@@ -76,6 +78,8 @@ def runtime_env_for(
     env_vars.update(extra_env or {})
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if working_dir:
+        # the uploaded copy has no .git: the job records the commit of the checkout it was submitted from
+        env_vars.setdefault(CODE_VERSION_ENV, code_version(project_dir))
         runtime_env["working_dir"] = str(project_dir)
         runtime_env["excludes"] = list(WORKING_DIR_EXCLUDES)
     return runtime_env

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import tempfile
@@ -35,6 +36,7 @@ __all__ = [
     "resolve_tracking_uri",
     "parse_model_uri",
     "code_version",
+    "CODE_VERSION_ENV",
     "lineage_tags",
     "register_checkpoint",
     "resolve_version",
@@ -110,17 +112,24 @@ def parse_model_uri(uri: str) -> ModelRef:
     return ModelRef(m["name"], m["version"], m["alias"])
 
 
-def code_version() -> str:
-    """pipeline.__version__ plus the git commit of the source tree when it is a git checkout (+dirty)."""
+CODE_VERSION_ENV = "VITPIPE_CODE_VERSION"
+
+
+def code_version(root: Path | None = None) -> str:
+    """pipeline.__version__ plus the git commit of the source tree when it is a git checkout (+dirty when
+    pipeline/ has uncommitted changes). A tree that is not a checkout (a Ray job's uploaded working dir) reports
+    what `vitpipe submit` computed in the checkout it was submitted from ($VITPIPE_CODE_VERSION), else the bare
+    package version."""
     from pipeline import __version__
 
-    root = Path(__file__).resolve().parents[2]
+    root = root or Path(__file__).resolve().parents[2]
+    fallback = os.environ.get(CODE_VERSION_ENV) or __version__
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
         )
         if sha.returncode != 0:
-            return __version__
+            return fallback
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "pipeline"],
             capture_output=True, text=True, timeout=5,
@@ -128,7 +137,7 @@ def code_version() -> str:
         suffix = "+dirty" if dirty.stdout.strip() else ""
         return f"{__version__}+g{sha.stdout.strip()}{suffix}"
     except (OSError, subprocess.SubprocessError):
-        return __version__
+        return fallback
 
 
 def lineage_tags(

@@ -85,13 +85,15 @@ def test_pretraining_runs_one_worker_per_worker_node_and_registers(cluster, pret
         f"the 2 workers should run one per worker node {cluster.node_ips[1:]}; job logs:\n{pretrained.stdout[-4000:]}")
     from mlflow import MlflowClient
 
-    from pipeline.tracking.registry import resolve_version
+    from pipeline.tracking.registry import code_version, resolve_version
 
     uri = cluster.mlflow_uri
     pre = resolve_version(f"models:/{PRETRAINED}@champion", tracking_uri=uri)
     assert pre.version == "1" and pre.tags["model.variant"] == "vit_pico4"
     assert pre.tags["dataset.url"].startswith(f"s3://{cluster.bucket}/e2e/train")
     assert pre.tags["run_id"] == pre.run_id and pre.tags["steps"] == str(STEPS)
+    # the job ran from an uploaded copy without .git; it names the commit of the checkout that submitted it
+    assert pre.tags["code_version"] == code_version(), pre.tags["code_version"]
     client = MlflowClient(uri)
     run = client.get_run(pre.run_id)
     assert run.info.status == "FINISHED"

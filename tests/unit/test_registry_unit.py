@@ -56,3 +56,19 @@ def test_code_version_starts_with_the_package_version():
 
     v = code_version()
     assert v == __version__ or re.fullmatch(re.escape(__version__) + r"\+g[0-9a-f]{12}(\+dirty)?", v)
+
+
+def test_a_tree_without_git_reports_the_submitting_checkouts_version(tmp_path, monkeypatch):
+    """A Ray job runs from an uploaded copy without .git: `vitpipe submit` puts the checkout's version (commit and
+    dirty flag) in the job's environment, and the job reports that."""
+    from pipeline import __version__
+    from pipeline.launch.submit import runtime_env_for
+    from pipeline.tracking.registry import CODE_VERSION_ENV
+
+    monkeypatch.delenv(CODE_VERSION_ENV, raising=False)
+    assert code_version(tmp_path) == __version__
+    env = runtime_env_for(environ={})["env_vars"]
+    assert env[CODE_VERSION_ENV] == code_version()  # this checkout's: +g<commit> when it is a git clone
+    monkeypatch.setenv(CODE_VERSION_ENV, env[CODE_VERSION_ENV])
+    assert code_version(tmp_path) == env[CODE_VERSION_ENV]
+    assert CODE_VERSION_ENV not in runtime_env_for(working_dir=False, environ={})["env_vars"]
