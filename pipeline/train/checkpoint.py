@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.data.config import StorageConfig
-from pipeline.data.storage import HashingWriter, digest, download, get_filesystem
+from pipeline.data.storage import HashingWriter, digest, download, get_filesystem, open_url
 
 if TYPE_CHECKING:
     from pipeline.model.config import ModelConfig
@@ -206,7 +206,7 @@ def _iter_committed(run_url: str, storage: StorageConfig | None) -> Iterator[str
         try:
             _forget_listings(fs, path)  # a checkpoint rewritten since this process listed it
             names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-            complete = _complete(names, lambda n, p=path: fs.cat_file(f"{p}/{n}").decode())
+            complete = _complete(names, lambda n, p=path: _read(run_url, f"{p}/{n}", storage).decode())
         except FileNotFoundError:  # removed while we looked
             continue
         if complete:
@@ -296,7 +296,7 @@ def _remote_damage(url: str, storage: StorageConfig | None) -> list[str]:
     fs, root = get_filesystem(url, storage)
     root = root.rstrip("/")
     _forget_listings(fs, root)
-    files, problems = _committed_files(lambda n: fs.cat_file(f"{root}/{n}").decode())
+    files, problems = _committed_files(lambda n: _read(url, f"{root}/{n}", storage).decode())
     sizes = {key[len(root) + 1:]: int(info["size"]) for key, info in fs.find(root, detail=True).items()}
     return problems + _damage(files, sizes.get)
 
@@ -372,8 +372,8 @@ def latest_state(run_url: str, storage: StorageConfig | None = None) -> tuple[st
     for url in _iter_committed(run_url, storage):
         fs, path = get_filesystem(url, storage)
         name = _STATE.format(0)
-        data = fs.cat_file(f"{path}/{name}")
-        files, _ = _committed_files(lambda n: fs.cat_file(f"{path}/{n}").decode())
+        data = _read(url, f"{path}/{name}", storage)
+        files, _ = _committed_files(lambda n: _read(url, f"{path}/{n}", storage).decode())
         recorded = {name: files[name]} if name in files else {}
         problems = _damage(recorded, lambda _: len(data), lambda _: hashlib.sha256(data).hexdigest())
         try:
@@ -389,6 +389,13 @@ def latest_state(run_url: str, storage: StorageConfig | None = None) -> tuple[st
         raise DamagedCheckpointError(f"run folder {run_url}: no committed checkpoint has an intact training state "
                                      f"({'; '.join(damaged)})")
     return None
+
+
+def _read(like_url: str, path: str, storage: StorageConfig | None) -> bytes:
+    """A small file's bytes through `open_url`: a body cut off half-way is read again (fsspec's cat_file would
+    fail the restore's or the driver's read of a state file or marker on one reset connection)."""
+    with open_url(_with_protocol(like_url, path), "rb", storage) as f:
+        return f.read()
 
 
 def _is_local(url: str) -> bool:
