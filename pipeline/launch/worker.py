@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from typing import Callable, Iterator
 
 from pipeline.launch.stop import StopSignal, termination_requested, training_active
@@ -37,7 +36,6 @@ class CheckpointReporter:
         self._fs, self._root = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
         self._idle = threading.Event()
         self._idle.set()
-        self.uploads: list[dict] = []  # {"step", "bytes", "seconds", "waited_s"}: one per checkpoint
 
     def __call__(self, metrics: dict, checkpoint_dir: str | None, step: int,
                  before_marker: Callable[[], None] | None = None) -> None:
@@ -46,19 +44,14 @@ class CheckpointReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
-        t_wait = time.perf_counter()
         self._idle.wait()
-        waited = time.perf_counter() - t_wait
         self._idle.clear()
         name = checkpoint_dir_name(step)
 
         def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
             try:
-                t0 = time.perf_counter()
-                n = upload_checkpoint(checkpoint.path, f"{self._spec.run_url.rstrip('/')}/{dir_name}",
-                                      self._spec.config.storage, before_marker=before_marker)
-                self.uploads.append({"step": step, "bytes": n, "seconds": time.perf_counter() - t0,
-                                     "waited_s": waited})
+                upload_checkpoint(checkpoint.path, f"{self._spec.run_url.rstrip('/')}/{dir_name}",
+                                  self._spec.config.storage, before_marker=before_marker)
                 return ray.train.Checkpoint(path=f"{self._root}/{dir_name}", filesystem=self._fs)
             finally:
                 self._idle.set()
