@@ -23,7 +23,8 @@ from pipeline.model.config import ModelConfig
 from pipeline.tracking.config import TrackingConfig
 from pipeline.train.config import TrainConfig
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "load_yaml_tree", "apply_overrides", "config_hash", "validate"]
+__all__ = ["RunConfig", "ConfigError", "load_config", "load_yaml_tree", "apply_overrides", "config_hash", "validate",
+           "config_class"]
 
 
 class ConfigError(ValueError):
@@ -174,3 +175,13 @@ def config_hash(cfg: BaseModel) -> str:
     """A stable short hash of a resolved config (for lineage tags)."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_class(paths: list[str]) -> type[BaseModel]:
+    """The config model of a file list: transfer configs carry a `transfer:` section (TransferRunConfig);
+    everything else is a pretraining RunConfig."""
+    if "transfer" in load_yaml_tree(paths[-1]):
+        from pipeline.transfer.config import TransferRunConfig  # it imports this module
+
+        return TransferRunConfig
+    return RunConfig

@@ -8,7 +8,7 @@ import json
 import yaml
 
 from pipeline.commands import add_config_args
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig, config_class, load_config
 
 __all__ = ["register"]
 
@@ -28,18 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     val = csub.add_parser("validate", help="validate config files; exit 2 on the first invalid one")
     val.add_argument("config", nargs="+")
     val.set_defaults(func=_validate)
-
-
-def config_class(paths: list[str]) -> type:
-    """Transfer configs carry a `transfer:` section; everything else is a pretraining RunConfig."""
-    from pipeline.config import load_yaml_tree
-
-    tree = load_yaml_tree(paths[-1])
-    if "transfer" in tree:
-        from pipeline.transfer.config import TransferRunConfig
-
-        return TransferRunConfig
-    return RunConfig
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -106,8 +106,7 @@ def _project_path(path: str, project_dir: Path, working_dir: bool, folder: bool 
 
 def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
     """The validated config, with the storage checks that need no cluster (placeholder, node-local path on GPUs)."""
-    from pipeline.commands.config import config_class
-    from pipeline.config import ConfigError, RunConfig, load_config
+    from pipeline.config import ConfigError, RunConfig, config_class, load_config
     from pipeline.launch.config import check_storage
 
     if kind == "pretrain":

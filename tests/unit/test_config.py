@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.config import config_class
+from pipeline.config import config_class
 from pipeline.config import ConfigError, RunConfig, apply_overrides, config_hash, load_config
 
 REPO = Path(__file__).resolve().parents[2]

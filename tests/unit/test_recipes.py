@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.config import config_class
+from pipeline.config import config_class
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ def test_every_shipped_transfer_recipe_validates(path):
 
 
 def test_the_commands_config_loader_picks_the_transfer_class():
-    from pipeline.commands.config import config_class
+    from pipeline.config import config_class
 
     assert config_class([str(RECIPES[0])]) is TransferRunConfig
 
