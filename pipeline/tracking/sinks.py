@@ -46,6 +46,10 @@ class MetricsSink:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON artifact (e.g. the generated DeepSpeed config)."""
 
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """A picture (a PNG file, which must exist until `close()` returns) as step `step` of the image series
+        `key`: the MLflow UI's image view shows the series evolve over the steps."""
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Waits (at most `timeout_s`) until what was logged so far is shipped; True if it was."""
         return True
@@ -75,6 +79,9 @@ class StdoutSink(MetricsSink):
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         print(f"[artifact] {artifact_file}: {json.dumps(data, sort_keys=True)}", flush=True)
 
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        print(f"[image] {key} step {step}: {path}", flush=True)
+
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -95,6 +102,7 @@ class MlflowSink(MetricsSink):
         self._metrics: list[Any] = []
         self._params: dict[str, str] = {}
         self._artifacts: list[tuple[str, str | None]] = []
+        self._images: list[tuple[str, str, int]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._staging = tempfile.mkdtemp(prefix="vitpipe-sink-")
@@ -134,6 +142,11 @@ class MlflowSink(MetricsSink):
         parent = str(Path(artifact_file).parent)
         self.log_artifact(dest, None if parent == "." else parent)
 
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        with self._lock:
+            self._images.append((str(path), key, int(step)))
+        self._wake.set()
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout_s
         while self._pending() or self._shipping:
@@ -155,7 +168,7 @@ class MlflowSink(MetricsSink):
     # -- background thread -------------------------------------------------------------------------------
     def _pending(self) -> int:
         with self._lock:
-            return len(self._metrics) + len(self._params) + len(self._artifacts)
+            return len(self._metrics) + len(self._params) + len(self._artifacts) + len(self._images)
 
     def _run(self) -> None:
         backoff = 0.0
@@ -189,6 +202,7 @@ class MlflowSink(MetricsSink):
             params, self._params = self._params, {}
             metrics, self._metrics = self._metrics, []
             artifacts, self._artifacts = self._artifacts, []
+            images, self._images = self._images, []
             self._shipping = True
         try:
             items = sorted(params.items())
@@ -208,11 +222,20 @@ class MlflowSink(MetricsSink):
                 else:
                     self._client.log_artifact(self.run_id, path, artifact_path)
                 artifacts.pop(0)
+            while images:
+                from PIL import Image
+
+                path, key, step = images[0]
+                with Image.open(path) as im:
+                    picture = im.convert("RGB")
+                self._client.log_image(self.run_id, picture, key=key, step=step, synchronous=True)
+                images.pop(0)
         finally:  # whatever was not shipped goes back in front of what arrived meanwhile
             with self._lock:
                 self._params = {**params, **self._params}
                 self._metrics = metrics + self._metrics
                 self._artifacts = artifacts + self._artifacts
+                self._images = images + self._images
                 self._shipping = False
 
 

@@ -75,6 +75,11 @@ class TrainConfig(BaseModel):
     fewshot_name: str | None = Field(
         None, description="name in the metric fewshot/<name>_<k>shot; null = derived from data.fewshot_train"
     )
+    fewshot_pictures: int = Field(
+        4, ge=0, le=16, description="at each few-shot evaluation rank 0 logs attention rollout on this many fixed "
+        "validation images (data.val, else the few-shot test set) and the position-embedding similarity as MLflow "
+        "images (series pictures/attention_rollout, pictures/pos_embed_similarity); 0 = no pictures"
+    )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="Polyak averaging: exponential moving average of the weights, updated every "
         "optimizer step (the paper's 0.9999 for high-resolution fine-tunes); 0 = off. When on, evaluations run "

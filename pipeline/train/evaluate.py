@@ -50,6 +50,7 @@ class Evaluator:
         self.device, self.dtype, self.loss_fn = device, dtype, loss_fn
         self.sink, self.final_spec, self.ema = sink or NullSink(), final, ema
         self._workdir: str | None = None
+        self._fixed_images: torch.Tensor | None = None  # rank 0's pictures/attention_rollout inputs
 
     # -- what the loop calls ------------------------------------------------------------------------------------
     def _due(self, step: int, every: int) -> bool:
@@ -73,6 +74,8 @@ class Evaluator:
             out.update(self.validate(model))
         if cfg.data.fewshot_train and self._due(step, tr.fewshot_every):
             out.update(self.fewshot(model, cfg.data.fewshot_train, cfg.data.fewshot_test or cfg.data.fewshot_train))
+            if headline and tr.fewshot_pictures:
+                self.progress_pictures(model, step)
         if headline and self._due(step, tr.eval_every):
             ctx = EvalContext(model, step, self.rank, self.world_size, cfg, self.device, self.dtype)
             out.update({k: float(v) for k, v in self.hooks.evaluate(ctx).items()})
@@ -208,14 +211,34 @@ class Evaluator:
             self.sink.log_dict({"matrix": cm.tolist()}, "eval/confusion_matrix.json")
         if spec.plots:
             images = sums["images"][: spec.plot_images] if sums["images"] is not None else None
-            self.pictures(model, images, cm, step)
+            for png in self.pictures(model, images, cm, step):
+                self.sink.log_artifact(png, "plots")
         return metrics
 
+    def progress_pictures(self, model: torch.nn.Module, step: int) -> list[Path]:
+        """What the model is learning, at a few-shot evaluation step: attention rollout on the same fixed images
+        every time (the first of rank 0's share of data.val, else of the few-shot test set) and the
+        position-embedding similarity, logged by rank 0 as the MLflow image series pictures/<name> at `step`.
+        Every rank calls this (the parameters are gathered under ZeRO-3)."""
+        if self.rank == 0 and self._fixed_images is None:
+            url = self.cfg.data.val or self.cfg.data.fewshot_test or self.cfg.data.fewshot_train
+            n = self.cfg.train.fewshot_pictures
+            kept: list[torch.Tensor] = []
+            for batch in self._loader(url):
+                kept.append(batch["image"][batch["valid"]])
+                if sum(len(t) for t in kept) >= n:
+                    break
+            self._fixed_images = torch.cat(kept)[:n] if kept else torch.zeros(0)
+        pngs = self.pictures(model, self._fixed_images, None, step, folder="pictures")
+        for png in pngs:
+            self.sink.log_image(png, f"pictures/{png.stem}", step)
+        return pngs
+
     def pictures(self, model: torch.nn.Module, images: torch.Tensor | None, confusion: torch.Tensor | None,
-                 step: int) -> list[Path]:
+                 step: int, folder: str = "plots") -> list[Path]:
         """Attention rollout on `images` (uint8), the position-embedding similarity and the confusion matrix, drawn
-        by rank 0 from a plain copy of the model (ZeRO-3's partitions gathered first: every rank calls this) and
-        logged under plots/."""
+        by rank 0 from a plain copy of the model (ZeRO-3's partitions gathered first: every rank calls this); the
+        PNGs' paths on rank 0 ([] elsewhere)."""
         from pipeline.data.transforms import to_model_input
         from pipeline.eval.plots import plot_attention_rollout, plot_confusion_matrix, plot_pos_embed_similarity
         from pipeline.model import build_model
@@ -232,7 +255,7 @@ class Evaluator:
         plain.to(self.device).eval()
         if self._workdir is None:
             self._workdir = tempfile.mkdtemp(prefix="vitpipe-plots-")
-        out_dir = Path(self._workdir) / f"step{step}"
+        out_dir = Path(self._workdir) / f"{folder}-step{step}"
         out = []
         if images is not None and len(images):
             x = to_model_input(images, self.device, torch.float32, self.cfg.data.augment)
@@ -242,6 +265,4 @@ class Evaluator:
         if confusion is not None:
             names = self.final_spec.class_names if self.final_spec else None
             out.append(plot_confusion_matrix(confusion, out_dir / "confusion_matrix.png", names))
-        for png in out:
-            self.sink.log_artifact(png, "plots")
         return out

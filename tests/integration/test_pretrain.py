@@ -174,6 +174,20 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
         ds = json.loads(open(client.download_artifacts(result.run_id, "deepspeed_config.json", tmp)).read())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 32
     assert run.info.status == "FINISHED"
+    # pictures of what it learns, at every few-shot evaluation: MLflow image series with their steps, bounded
+    import re
+
+    shots: dict[tuple[str, int], int] = {}
+    for a in client.list_artifacts(result.run_id, "images"):
+        m_ = re.fullmatch(r"images/pictures~(\w+)\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+(\+compressed)?\.(png|webp)",
+                          a.path)
+        assert m_, a.path
+        shots[(m_[1], int(m_[2]))] = shots.get((m_[1], int(m_[2])), 0) + a.file_size
+    fewshot_steps = sorted({s for s in range(1, STEPS + 1) if s % 6 == 0} | {STEPS})
+    assert sorted(shots) == [(k, s) for k in ("attention_rollout", "pos_embed_similarity") for s in fewshot_steps]
+    for s in fewshot_steps:
+        assert 5_000 < sum(v for (k, st), v in shots.items() if st == s) < 400_000, shots
+    assert run.data.tags.get("mlflow.loggedImages") == "True"
 
 
 def _committed(buckets, name: str) -> dict[int, set[int]]:
