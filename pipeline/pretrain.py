@@ -105,7 +105,9 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
             if cfg.tracking.registered_model:
                 registered = run.register(
                     final, name=cfg.tracking.registered_model, alias=cfg.tracking.register_alias,
-                    artifact_path="final",  # the model's files are logged once, by the registry, under final/
+                    artifact_path="final", normalize=cfg.data.augment.normalize,
+                    description=f"pretrained on {cfg.data.train} for {result.step} steps "
+                                f"({result.step * cfg.train.global_batch} images) at {cfg.model.image_size}px",
                     tags=lineage_tags(cfg, run_id=run.run_id, step=result.step,
                                       images_seen=result.step * cfg.train.global_batch,
                                       dataset=load_dataset_spec(cfg.data.train, cfg.storage)),

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = rsub.add_parser("list", help="registered models with their latest version and aliases")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_list)
-    show = rsub.add_parser("show", help="a model's versions with their lineage tags")
+    show = rsub.add_parser("show", help="a model's versions: description, aliases, lineage chain back to the "
+                           "pretraining data, tags")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_show)
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--image-size", type=int, default=None, help="resolution the weights were trained at")
     imp.add_argument("--alias", default=None, help="alias to set on the new version")
     imp.add_argument("--experiment", default="vit-import")
+    imp.add_argument("--normalize", choices=["inception", "imagenet"], default="inception",
+                     help="input normalisation the weights expect (default inception: pixels scaled to [-1, 1], "
+                          "as big_vision, timm and HF ViTs use)")
     imp.set_defaults(func=_import)
 
 
@@ -62,7 +66,20 @@ def _show(args: argparse.Namespace) -> int:
     aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(info["aliases"].items())) or "(none)"
     print(f"{info['name']}  aliases: {aliases}")
     for v in info["versions"]:
-        print(f"  version {v['version']}  run {v['run_id']}  source {v['source']}")
+        print(f"  version {v['version']}  run {v['run_id']}  source {v['source']}"
+              + (f"  aliases {' '.join('@' + a for a in v['aliases'])}" if v["aliases"] else ""))
+        if v["description"]:
+            print(f"    {v['description']}")
+        print("    lineage:")
+        for depth, link in enumerate(v["lineage"]):
+            arrow = "  " + "  " * depth + ("<- " if depth else "")
+            if link.get("missing"):
+                print(f"    {arrow}{link['uri']} (no longer registered)")
+                continue
+            steps = f", {link['steps']} steps" if link["steps"] else ""
+            print(f"    {arrow}{link['uri']}  run {link['run_id']}{steps}  data {link['dataset.url']} "
+                  f"(checksum {link['dataset.checksum']})")
+        print("    tags:")
         for k, val in sorted(v["tags"].items()):
             print(f"      {k} = {val}")
     return 0
@@ -88,7 +105,7 @@ def _import(args: argparse.Namespace) -> int:
         model_cfg = inferred.model_copy(update=fields)
     v = import_weights(
         args.file, args.name, source=args.source, model_cfg=model_cfg, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, alias=args.alias,
+        experiment=args.experiment, alias=args.alias, normalize=args.normalize,
     )
     print(f"registered {v.uri} from {args.file} (run {v.run_id})")
     return 0

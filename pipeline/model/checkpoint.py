@@ -13,12 +13,9 @@ import torch
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.format import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT"]
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model.json"
-FORMAT = "vitpipe-model/1"
 
 
 def save_checkpoint(

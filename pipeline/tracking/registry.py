@@ -1,9 +1,12 @@
 """The MLflow model registry for our checkpoints: register, resolve, download, alias, import foreign weights.
 
-A registered version's source is a plain artifact folder `runs:/RUN/checkpoint` holding `model.safetensors` +
-`model.json` (pipeline.model.checkpoint's format), registered with `MlflowClient.create_model_version` (mlflow's
-own model flavours either unpickle or load untrainable graphs). Loading downloads the artifacts and reads the
-safetensors; nothing is ever unpickled. mlflow is imported inside functions only.
+A registered version is an MLflow logged model (`models:/m-...`) saved "from code": the pyfunc model file
+pipeline/tracking/pyfunc_model.py (MLflow stores the file, nothing is cloudpickled), our checkpoint's
+`model.safetensors` + `model.json` as its artifacts, a signature and an input example, so
+`mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and `mlflow models serve` work. Our own loading (transfer jobs,
+`download_checkpoint`) fetches only the two checkpoint files and reads the safetensors; nothing is ever
+unpickled. Versions registered before (a plain artifact folder `runs:/RUN/checkpoint`) still load.
+mlflow is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import os
 import re
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.tracking.run import TrackedRun
 
@@ -33,6 +38,7 @@ __all__ = [
     "ModelRef",
     "RegisteredVersion",
     "CHECKPOINT_FILES",
+    "log_pyfunc_model",
     "resolve_tracking_uri",
     "parse_model_uri",
     "code_version",
@@ -43,16 +49,17 @@ __all__ = [
     "download_checkpoint",
     "list_models",
     "describe_model",
+    "lineage",
     "set_alias",
     "import_weights",
 ]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("model.safetensors", "model.json")
 DEFAULT_ARTIFACT_PATH = "checkpoint"
 FORMAT_TAG = "vitpipe.format"
-FORMAT_VALUE = "vitpipe-checkpoint-v1"
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+_LOGGED_MODEL_RE = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)$")
 _URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[A-Za-z0-9_\-]+))$")
 # MLflow reserves the alias "latest" (any case) and itself resolves models:/NAME/latest to the highest version;
 # we treat @latest the same way, so "latest" as a configured alias is implicit and never set.
@@ -86,6 +93,7 @@ class RegisteredVersion:
     run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    description: str = ""
 
     @property
     def uri(self) -> str:
@@ -182,6 +190,63 @@ def _check_checkpoint_dir(path: Path) -> None:
         )
 
 
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.models.Model.log reads the process-wide tracking URI; point it at `uri` for the call only and
+    restore what was there (including $MLFLOW_TRACKING_URI, which mlflow rewrites)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _example_images(size: int, chans: int) -> "Any":
+    """One deterministic uint8 image [1, size, size, chans] (a diagonal gradient) for the input example."""
+    import numpy as np
+
+    ramp = (np.add.outer(np.arange(size), np.arange(size)) * (255 / max(2 * size - 2, 1))).astype(np.uint8)
+    return np.repeat(ramp[None, :, :, None], chans, axis=3)
+
+
+def log_pyfunc_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str, name: str,
+                     normalize: str = "imagenet") -> str:
+    """Logs the checkpoint as an MLflow pyfunc model from code (pyfunc_model.py) to the run `run_id`, with the
+    two checkpoint files as its artifacts, an image signature and input example; returns the logged model's id.
+    `normalize` is the pixel normalisation the model was trained with (data.augment.normalize)."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline import __version__
+
+    checkpoint_dir = Path(checkpoint_dir)
+    model = json.loads((checkpoint_dir / CONFIG_FILE).read_text())["model"]
+    size, chans, classes = int(model["image_size"]), int(model.get("in_chans", 3)), int(model["num_classes"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, chans))]),  # what the loader yields
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes or -1))]),  # logits, or features
+    )
+    with _global_tracking_uri(tracking_uri):
+        info = Model.log(
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+            python_model=str(PYFUNC_MODEL_FILE),
+            artifacts={"weights": str(checkpoint_dir / CHECKPOINT_FILES[0]), "config": str(checkpoint_dir / CONFIG_FILE)},
+            model_config={"normalize": normalize},
+            signature=signature,
+            input_example=_example_images(size, chans),
+            # stated, not inferred (inference would load the model in a subprocess)
+            pip_requirements=[f"vitpipe=={__version__}", f"mlflow=={mlflow.__version__}", "torch", "safetensors",
+                              "numpy"],
+        )
+    return info.model_id
+
+
 def register_checkpoint(
     checkpoint_dir: str | Path,
     *,
@@ -192,31 +257,34 @@ def register_checkpoint(
     tags: Mapping[str, Any] | None = None,
     artifact_path: str = DEFAULT_ARTIFACT_PATH,
     description: str | None = None,
+    normalize: str = "imagenet",
 ) -> RegisteredVersion:
-    """Logs a checkpoint folder (model.safetensors + model.json) to the run `run_id` under `artifact_path`,
-    registers it as a new version of `name` with `tags`, and points `alias` at it. The run belongs to its
-    `TrackedRun` (pipeline.tracking.run), which calls this through `run.register(...)`."""
+    """Logs a checkpoint folder (model.safetensors + model.json; nothing else it holds) to the run `run_id` as
+    the pyfunc model `artifact_path` (see log_pyfunc_model), registers it as a new version of `name` with `tags`
+    and `description`, and points `alias` at it. The run belongs to its `TrackedRun` (pipeline.tracking.run),
+    which calls this through `run.register(...)`."""
     from mlflow.exceptions import MlflowException
 
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint_dir(checkpoint_dir)
     client = _client(tracking_uri)
-    # Only our two files: a checkpoint folder may also hold DeepSpeed shards or loader state.
-    for f in CHECKPOINT_FILES:
-        client.log_artifact(run_id, str(checkpoint_dir / f), artifact_path)
+    model_id = log_pyfunc_model(checkpoint_dir, run_id=run_id, tracking_uri=resolve_tracking_uri(tracking_uri),
+                                name=artifact_path, normalize=normalize)
     try:
-        client.create_registered_model(name, description=description)
+        client.create_registered_model(name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    all_tags = {FORMAT_TAG: FORMAT_VALUE, **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {FORMAT_TAG: FORMAT, **{k: str(v) for k, v in (tags or {}).items()}}
     mv = client.create_model_version(
-        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=all_tags, description=description
+        name, source=f"models:/{model_id}", run_id=run_id, tags=all_tags, description=description,
+        model_id=model_id,
     )
     if alias and alias.lower() != LATEST:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s (alias %s) from run %s", name, mv.version, alias, run_id)
-    return RegisteredVersion(name, str(mv.version), mv.source, run_id, all_tags, (alias,) if alias else ())
+    return RegisteredVersion(name, str(mv.version), mv.source, run_id, all_tags, (alias,) if alias else (),
+                             description or "")
 
 
 def _to_version(mv: Any) -> RegisteredVersion:
@@ -227,6 +295,7 @@ def _to_version(mv: Any) -> RegisteredVersion:
         run_id=mv.run_id,
         tags=dict(mv.tags or {}),
         aliases=tuple(getattr(mv, "aliases", None) or ()),
+        description=mv.description or "",
     )
 
 
@@ -270,30 +339,40 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> RegisteredVers
     return _to_version(mv)
 
 
-def _artifact_names(client: "MlflowClient", version: RegisteredVersion) -> list[str] | None:
-    """The file names at the version's source, or None when the source is not a run artifact path."""
+def _checkpoint_location(client: "MlflowClient", version: RegisteredVersion) -> tuple[str, list[str]] | None:
+    """(artifact URI of the folder holding the checkpoint files, the file names there), or None when the source
+    is neither a logged model nor a run artifact path."""
+    import mlflow.artifacts
+
+    logged = _LOGGED_MODEL_RE.match(version.source)
+    if logged:
+        folder = client.get_logged_model(logged["id"]).artifact_location.rstrip("/") + "/artifacts"
+        names = [Path(a.path).name for a in mlflow.artifacts.list_artifacts(
+            artifact_uri=folder, tracking_uri=client.tracking_uri) if not a.is_dir]
+        return folder, names
     m = re.match(r"^runs:/(?P<run>[^/]+)/?(?P<path>.*)$", version.source)
     if not m:
         return None
-    return [Path(a.path).name for a in client.list_artifacts(m["run"], m["path"] or None) if not a.is_dir]
+    return version.source, [Path(a.path).name for a in client.list_artifacts(m["run"], m["path"] or None)
+                            if not a.is_dir]
 
 
 def download_checkpoint(
     uri: str, dst_dir: str | Path, tracking_uri: str | None = None
 ) -> tuple[Path, RegisteredVersion]:
     """Resolves `uri`, checks that the entry is one of our checkpoints (before fetching the weights), downloads
-    it into `dst_dir` and returns (folder holding model.safetensors + model.json, the version)."""
+    its two files into `dst_dir` and returns (folder holding model.safetensors + model.json, the version)."""
     import mlflow.artifacts
 
     version = resolve_version(uri, tracking_uri)
     client = _client(tracking_uri)
-    names = _artifact_names(client, version)
-    if names is not None:
-        missing = [f for f in CHECKPOINT_FILES if f not in names]
+    where = _checkpoint_location(client, version)
+    if where is not None:
+        missing = [f for f in CHECKPOINT_FILES if f not in where[1]]
         if missing:
             raise RegistryError(
                 f"{uri} (version {version.version}, source {version.source}) is not a vitpipe checkpoint: "
-                f"missing {', '.join(missing)}; it holds: {', '.join(sorted(names)) or '(nothing)'}. "
+                f"missing {', '.join(missing)}; it holds: {', '.join(sorted(where[1])) or '(nothing)'}. "
                 "Register weights with `vitpipe registry import` or a pretraining run."
             )
     dst_dir = Path(dst_dir)
@@ -301,7 +380,7 @@ def download_checkpoint(
     uri_resolved = resolve_tracking_uri(tracking_uri)
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source if names is not None else version.uri,
+            artifact_uri=where[0] if where is not None else version.uri,
             dst_path=str(dst_dir),
             tracking_uri=uri_resolved,
             registry_uri=uri_resolved,
@@ -309,11 +388,9 @@ def download_checkpoint(
     )
     try:
         _check_checkpoint_dir(local)
-        meta = json.loads((local / "model.json").read_text())
-        from pipeline.model.checkpoint import FORMAT
-
+        meta = json.loads((local / CONFIG_FILE).read_text())
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
-            raise RegistryError(f"model.json is not a {FORMAT} model description")
+            raise RegistryError(f"{CONFIG_FILE} is not a {FORMAT} model description")
     except (RegistryError, ValueError) as e:
         raise RegistryError(f"{uri} (version {version.version}) is not a vitpipe checkpoint: {e}") from None
     return local, version
@@ -347,10 +424,37 @@ def describe_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]
         "description": model.description or "",
         "aliases": dict(getattr(model, "aliases", {}) or {}),
         "versions": [
-            {"version": str(v.version), "source": v.source, "run_id": v.run_id, "tags": dict(v.tags or {})}
+            {"version": str(v.version), "source": v.source, "run_id": v.run_id, "tags": dict(v.tags or {}),
+             "description": v.description or "",
+             "aliases": sorted(a for a, n in (getattr(model, "aliases", {}) or {}).items() if str(n) == str(v.version)),
+             "lineage": lineage(f"models:/{name}/{v.version}", tracking_uri)}
             for v in versions
         ],
     }
+
+
+def lineage(uri: str, tracking_uri: str | None = None) -> list[dict[str, str]]:
+    """The chain behind a version, newest first: the version itself, then each version it was fine-tuned from
+    (its `source.model` / `source.version` tags), ending at the pretrained one, whose dataset tags name the
+    pretraining data (its manifest URL and checksum). A link to a version that no longer exists ends the chain
+    with an entry saying so."""
+    chain: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while uri not in seen:
+        seen.add(uri)
+        try:
+            v = resolve_version(uri, tracking_uri)
+        except RegistryError:
+            chain.append({"uri": uri, "missing": "true"})
+            break
+        t = v.tags
+        chain.append({"uri": v.uri, "run_id": v.run_id or "", "dataset.url": t.get("dataset.url", "unknown"),
+                      "dataset.checksum": t.get("dataset.checksum", "unknown"), "steps": t.get("steps", "")})
+        parent = t.get("source.model") or t.get("source.registered_model")  # the latter: versions before 0.2
+        if not parent or not t.get("source.version"):
+            break
+        uri = f"models:/{parent}/{t['source.version']}"
+    return chain
 
 
 def resolve_version_name(client: "MlflowClient", name: str, tracking_uri: str | None) -> None:
@@ -389,9 +493,12 @@ def import_weights(
     tracking_uri: str | None = None,
     experiment: str = "vit-import",
     alias: str | None = "latest",
+    normalize: str = "inception",
 ) -> RegisteredVersion:
     """Converts foreign weights (timm, big_vision .npz, HF) with the model's converters into our checkpoint,
-    logs it to a new run and registers it as a version of `name`. `model_cfg` None = inferred from the weights."""
+    logs it to a new run and registers it as a version of `name`. `model_cfg` None = inferred from the weights;
+    `normalize`: the input normalisation the weights were trained with (big_vision's and timm's/HF's ViTs
+    scale pixels to [-1, 1]: inception)."""
     import hashlib
 
     from pipeline.config import config_hash
@@ -423,5 +530,8 @@ def import_weights(
                                              "resolution")})
         with tempfile.TemporaryDirectory(prefix="vitpipe-import-") as tmp:
             save_checkpoint(tmp, converted, model_cfg, {"imported_from": file.name, "source": source})
-            version = run.register(tmp, name=name, alias=alias, tags={**tags, "run_id": run.run_id})
+            version = run.register(tmp, name=name, alias=alias, tags={**tags, "run_id": run.run_id},
+                                   normalize=normalize,
+                                   description=f"{source} weights imported from {file.name} (sha256 "
+                                               f"{tags['import.sha256'][:12]})")
     return version

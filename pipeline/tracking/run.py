@@ -150,8 +150,9 @@ class TrackedRun:
 
     def register(self, checkpoint_dir: str | Path, *, name: str, alias: str | None = None,
                  tags: Mapping[str, Any] | None = None, artifact_path: str = "checkpoint",
-                 description: str | None = None) -> "RegisteredVersion":
-        """Logs a model checkpoint folder to this run and registers it as a new version of `name`."""
+                 description: str | None = None, normalize: str = "imagenet") -> "RegisteredVersion":
+        """Logs a model checkpoint folder to this run as a pyfunc model and registers it as a new version of
+        `name`; `normalize` is the input normalisation the model expects (data.augment.normalize)."""
         raise ValueError(f"registering {name!r} needs tracking.sink=mlflow (this run's sink is "
                          f"{self.tracking.sink!r})")
 
@@ -300,11 +301,12 @@ class MlflowRun(TrackedRun):
 
     def register(self, checkpoint_dir: str | Path, *, name: str, alias: str | None = None,
                  tags: Mapping[str, Any] | None = None, artifact_path: str = "checkpoint",
-                 description: str | None = None) -> "RegisteredVersion":
+                 description: str | None = None, normalize: str = "imagenet") -> "RegisteredVersion":
         from pipeline.tracking.registry import register_checkpoint
 
         return register_checkpoint(checkpoint_dir, run_id=self.run_id, name=name, tracking_uri=self.tracking_uri,
-                                   alias=alias, tags=tags, artifact_path=artifact_path, description=description)
+                                   alias=alias, tags=tags, artifact_path=artifact_path, description=description,
+                                   normalize=normalize)
 
 
 def ui_url(base: str, experiment_id: str | None, run_id: str | None = None) -> str:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.data.config import StorageConfig
 from pipeline.data.storage import HashingWriter, digest, download, get_filesystem, open_url
+from pipeline.model.format import CONFIG_FILE
 
 if TYPE_CHECKING:
     from pipeline.model.config import ModelConfig
@@ -455,7 +456,7 @@ def upload_dir(local_dir: str | Path, dest_url: str, storage: StorageConfig | No
     fs, dest = get_filesystem(dest_url, storage)
     fs.makedirs(dest, exist_ok=True)
     names = sorted(p.name for p in Path(local_dir).iterdir() if p.is_file())
-    for name in sorted(names, key=lambda n: n == "model.json"):
+    for name in sorted(names, key=lambda n: n == CONFIG_FILE):
         fs.put_file(str(Path(local_dir) / name), f"{dest.rstrip('/')}/{name}")
     return dest_url
 

@@ -49,7 +49,7 @@ class PreparedTransfer:
     @property
     def source_tags(self) -> dict[str, str]:
         return {
-            "source.registered_model": self.source.name,
+            "source.model": self.source.name,
             "source.version": self.source.version,
             "source.run_id": self.source.run_id or "",
             "source.uri": self.source.uri,
@@ -179,6 +179,14 @@ def final_eval_spec(cfg: TransferRunConfig, class_names: list[str] | None) -> Fi
                      class_names=class_names)
 
 
+def _version_description(prep: PreparedTransfer, metrics: dict[str, float]) -> str:
+    """The fine-tuned version's description: what it was fine-tuned from, on what, and how well it did."""
+    top1 = metrics.get("final/top1")
+    return (f"{prep.cfg.transfer.mode} of {prep.source.uri} (run {prep.source.run_id or '-'}) on "
+            f"{prep.cfg.data.train} for {prep.cfg.train.steps} steps at {prep.model.image_size}px"
+            + (f"; top-1 {top1:.4f} on {prep.cfg.data.val}" if top1 is not None else ""))
+
+
 def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: str | Path | None = None,
                  address: str | None = None) -> TransferResult:
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
@@ -237,7 +245,9 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
                     model_cfg=prep.model, extra={**prep.source_tags, "final_top1": metrics.get("final/top1")},
                 )
                 registered = run.register(final_dir, name=cfg.tracking.registered_model,
-                                          alias=cfg.tracking.register_alias, tags=tags)
+                                          alias=cfg.tracking.register_alias, tags=tags,
+                                          description=_version_description(prep, metrics),
+                                          normalize=cfg.data.augment.normalize)
                 run.set_tags({"registered_model": f"{registered.name}/{registered.version}"})
         return TransferResult(run.run_id, metrics, registered, artifacts, final_dir)
     finally:

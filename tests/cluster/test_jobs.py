@@ -112,7 +112,7 @@ def test_transfer_from_the_registry_reaches_the_workers_through_storage(cluster,
     pre = resolve_version(f"models:/{PRETRAINED}@champion", tracking_uri=uri)
     fine = resolve_version(f"models:/{FINETUNED}@champion", tracking_uri=uri)
     assert fine.version == "1"
-    assert fine.tags["source.registered_model"] == PRETRAINED and fine.tags["source.version"] == pre.version
+    assert fine.tags["source.model"] == PRETRAINED and fine.tags["source.version"] == pre.version
     assert fine.tags["source.run_id"] == pre.run_id and fine.tags["dataset.url"] == datasets["digits-train"]
     run = MlflowClient(uri).get_run(fine.run_id)
     assert run.info.status == "FINISHED"

@@ -40,7 +40,7 @@ def test_register_resolve_download_round_trip(mlflow_uri, pico_checkpoint, tmp_p
     v1 = register_in_new_run(pico_checkpoint, name="reg-roundtrip", alias="champion", tags=tags)
     v2 = register_in_new_run(pico_checkpoint, name="reg-roundtrip", alias="latest", tags=tags)
     assert (v1.version, v2.version) == ("1", "2")
-    assert v1.source == f"runs:/{v1.run_id}/checkpoint"
+    assert v1.source.startswith("models:/m-")  # a logged (pyfunc) model of the run: tests/integration/test_pyfunc.py
 
     assert resolve_version("models:/reg-roundtrip@champion").version == "1"
     assert resolve_version("models:/reg-roundtrip@latest").version == "2"  # implicit: the highest version
@@ -59,6 +59,33 @@ def test_register_resolve_download_round_trip(mlflow_uri, pico_checkpoint, tmp_p
     assert listed["reg-roundtrip"]["aliases"] == {"champion": "1"}
     set_alias("reg-roundtrip", 2, "champion")
     assert describe_model("reg-roundtrip")["aliases"] == {"champion": "2"}
+
+
+def test_registry_show_prints_the_lineage_chain_back_to_the_pretraining_data(mlflow_uri, pico_checkpoint, capsys):
+    manifest = "s3://b/i21k/train/manifest.json"
+    pre = register_in_new_run(pico_checkpoint, name="lin-pre", alias="champion",
+                              tags={"dataset.url": manifest, "dataset.checksum": "sha256:abc123", "steps": "900"})
+    ft = register_in_new_run(pico_checkpoint, name="lin-ft", tags={
+        "dataset.url": "s3://b/cifar/train/manifest.json", "dataset.checksum": "sha256:def456", "steps": "50",
+        "source.model": "lin-pre", "source.version": pre.version, "source.run_id": pre.run_id})
+    ft2 = register_in_new_run(pico_checkpoint, name="lin-ft2", tags={
+        "dataset.url": "s3://b/pets/train", "source.model": "lin-ft", "source.version": ft.version,
+        "source.run_id": ft.run_id})
+    chain = describe_model("lin-ft2")["versions"][0]["lineage"]
+    assert [c["uri"] for c in chain] == ["models:/lin-ft2/1", "models:/lin-ft/1", "models:/lin-pre/1"]
+    assert chain[-1]["dataset.url"] == manifest and chain[-1]["dataset.checksum"] == "sha256:abc123"
+    assert [c["run_id"] for c in chain] == [ft2.run_id, ft.run_id, pre.run_id]
+
+    assert main(["registry", "show", "lin-ft2"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    at = lines.index("lineage:")
+    assert lines[at + 1].startswith("models:/lin-ft2/1") and "data s3://b/pets/train" in lines[at + 1]
+    assert lines[at + 2].startswith("<- models:/lin-ft/1") and "50 steps" in lines[at + 2]
+    assert lines[at + 3].startswith("<- models:/lin-pre/1") and f"data {manifest} (checksum sha256:abc123)" in lines[
+        at + 3]
+    assert main(["registry", "show", "lin-pre"]) == 0
+    assert "aliases @champion" in capsys.readouterr().out
 
 
 def test_unknown_names_versions_and_aliases_list_what_exists(mlflow_uri, pico_checkpoint):

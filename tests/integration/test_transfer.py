@@ -76,7 +76,7 @@ def _transfer_args(digits, storage, *extra):
             f"scaling.storage_path={storage}", *extra]
 
 
-def test_pretraining_registers_a_version_with_lineage(pretrained, mlflow_uri):
+def test_pretraining_registers_a_version_with_lineage(pretrained, digits, mlflow_uri):
     from pipeline.tracking.registry import resolve_version
 
     v = resolve_version("models:/vit-smoke@champion")
@@ -86,7 +86,12 @@ def test_pretraining_registers_a_version_with_lineage(pretrained, mlflow_uri):
         assert v.tags.get(key), f"lineage tag {key} missing: {v.tags}"
     assert v.tags["resolution"] == "28" and v.tags["steps"] == "4"
     assert v.tags["dataset.checksum"] not in ("", "unknown")  # the manifest's own checksum, not a placeholder
-    assert v.source == f"runs:/{pretrained.run_id}/final"  # the files are logged once, under the run's final/
+    # the files are logged once: as the run's pyfunc model "final", which the version points at
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(mlflow_uri).get_logged_model(v.source.removeprefix("models:/"))
+    assert logged.source_run_id == pretrained.run_id and logged.name == "final"
+    assert v.description.startswith(f"pretrained on {digits['train']} for 4 steps"), v.description
 
 
 def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlflow_uri, tmp_path, capsys):
@@ -107,13 +112,14 @@ def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlfl
 
     ft = resolve_version("models:/vit-smoke-transfer@candidate")
     src = resolve_version("models:/vit-smoke@champion")
-    assert ft.tags["source.registered_model"] == "vit-smoke" and ft.tags["source.version"] == src.version
+    assert ft.tags["source.model"] == "vit-smoke" and ft.tags["source.version"] == src.version
     assert ft.tags["source.run_id"] == src.run_id and ft.tags["resolution"] == "32"
     assert ft.run_id == summary["run_id"]
+    assert ft.description.startswith(f"finetune of {src.uri} (run {src.run_id}) on {digits['train']}"), ft.description
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(summary["run_id"])
-    assert run.data.tags["source.registered_model"] == "vit-smoke"
+    assert run.data.tags["source.model"] == "vit-smoke"
     assert run.data.tags["source.version"] == src.version
     assert run.data.metrics["final/top1"] == summary["metrics"]["final/top1"]
     assert run.data.params["train.optim.name"] == "sgd"

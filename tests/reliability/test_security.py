@@ -120,6 +120,7 @@ def secret_run(s3_server, mlflow_server, tmp_path_factory):
 
 
 def test_credentials_never_reach_tracking_artifacts_checkpoints_or_logs(secret_run, tmp_path):
+    import mlflow.artifacts
     from mlflow import MlflowClient
 
     result = secret_run["result"]
@@ -142,11 +143,16 @@ def test_credentials_never_reach_tracking_artifacts_checkpoints_or_logs(secret_r
     leaks += _leaks(json.dumps(sorted(run.data.metrics)), "MLflow metric names")
     leaks += _leaks(json.dumps(client.get_experiment(run.info.experiment_id).tags), "MLflow experiment tags")
     local = Path(client.download_artifacts(result["run_id"], "", str(tmp_path / "artifacts")))
-    artifacts = [p for p in local.rglob("*") if p.is_file()]
-    assert {"deepspeed_config.json", "model.safetensors", "model.json"} <= {p.name for p in artifacts}
-    for p in artifacts:
-        leaks += _leaks(p.read_bytes(), f"MLflow artifact {p.relative_to(local)}")
     version = client.get_model_version("security-model", "1")
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))  # the registered pyfunc model
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location,
+                                                         dst_path=str(tmp_path / "model"),
+                                                         tracking_uri=secret_run["mlflow"]))
+    artifacts = [p for p in [*local.rglob("*"), *model_dir.rglob("*")] if p.is_file()]
+    assert {"deepspeed_config.json", "model.safetensors", "model.json", "MLmodel"} <= {p.name for p in artifacts}
+    for p in artifacts:
+        leaks += _leaks(p.read_bytes(), f"MLflow artifact {p.name}")
+    leaks += _leaks(json.dumps({**logged.params, **logged.tags}), "the logged model's params and tags")
     leaks += _leaks(json.dumps({**version.tags, "d": version.description, "s": version.source}),
                     "the registered model version")
 
