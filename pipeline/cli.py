@@ -13,6 +13,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.config import ConfigError
+from pipeline.tracking.console import quiet_console
 from pipeline.tracking.run import RunStopped
 
 __all__ = ["main", "build_parser"]
@@ -21,6 +22,9 @@ __all__ = ["main", "build_parser"]
 _COMMAND_MODULES = (
     "config", "model", "shards", "pretrain", "transfer", "registry", "submit", "jobs", "stack", "plan", "demo",
 )
+# Commands that drive Ray from this process: what Ray forwards from workers is shown without its known-harmless
+# noise (pipeline.tracking.console.NOISE) unless -v; Ray's log files keep every line.
+_RAY_DRIVERS = {"pretrain", "transfer", "transfer-suite", "demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         "DeepSpeed ZeRO workers under Ray Train, MLflow tracking and model registry.",
     )
     parser.add_argument("--version", action="version", version=f"vitpipe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and every line Ray forwards (by default its known-harmless noise is "
+                             "dropped from what you see)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         try:
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command in _RAY_DRIVERS and not args.verbose:
+            with quiet_console():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"vitpipe {args.command}: {e}", file=sys.stderr)

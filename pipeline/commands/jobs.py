@@ -7,6 +7,7 @@ import json
 import sys
 
 from pipeline.commands import reported_cluster_errors as _reported
+from pipeline.tracking.console import FilteredStream
 
 __all__ = ["register"]
 
@@ -61,8 +62,14 @@ def _logs(args: argparse.Namespace) -> int:
 
     client = S.job_client(args.address)
     if args.follow:
-        return S.exit_code(S.follow(client, args.job_id, out=sys.stdout))
-    sys.stdout.write(client.get_job_logs(args.job_id))
+        return S.exit_code(S.follow(client, args.job_id, out=sys.stdout, quiet=not args.verbose))
+    text = client.get_job_logs(args.job_id)
+    if args.verbose:
+        sys.stdout.write(text)
+    else:
+        stream = FilteredStream(sys.stdout)
+        stream.write(text)
+        stream.close_line()
     return 0
 
 

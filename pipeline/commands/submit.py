@@ -86,6 +86,6 @@ def _submit(args: argparse.Namespace) -> int:
     if not args.follow:
         print(f"follow with: vitpipe jobs logs {job_id} --follow --address {address}")
         return 0
-    status = S.follow(client, job_id, out=sys.stdout, scrub=S.secret_scrubber(sub.runtime_env))
+    status = S.follow(client, job_id, out=sys.stdout, scrub=S.secret_scrubber(sub.runtime_env), quiet=not args.verbose)
     print(f"job {job_id}: {status}", file=sys.stderr)
     return S.exit_code(status)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from pipeline.tracking.console import FilteredStream
 from pipeline.tracking.registry import CODE_VERSION_ENV, code_version
 
 __all__ = [
@@ -245,15 +246,22 @@ def wait(client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.
         time.sleep(poll_s)
 
 
-def follow(client, job_id: str, out: TextIO = sys.stdout, scrub: Callable[[str], str] | None = None) -> str:
-    """Streams the job's logs to `out` until it ends; returns the final status name."""
+def follow(client, job_id: str, out: TextIO = sys.stdout, scrub: Callable[[str], str] | None = None,
+           quiet: bool = True) -> str:
+    """Streams the job's logs to `out` until it ends; returns the final status name. `quiet` drops Ray's
+    known-harmless lines (pipeline.tracking.console.NOISE; the job's log file in Ray keeps them)."""
+    sink = FilteredStream(out) if quiet else out
 
     async def _tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(scrub(chunk) if scrub else chunk)
-            out.flush()
+            sink.write(scrub(chunk) if scrub else chunk)
+            sink.flush()
 
-    asyncio.run(_tail())
+    try:
+        asyncio.run(_tail())
+    finally:
+        if quiet:
+            sink.close_line()
     return wait(client, job_id)
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pipeline.tracking.console import say
+
 if TYPE_CHECKING:
     from pipeline.tracking.run import RunRef
 
@@ -63,24 +65,24 @@ class NullSink(MetricsSink):
 
 
 class StdoutSink(MetricsSink):
-    """Human-readable lines on stdout (one per logged step)."""
+    """Human-readable lines on stdout (one per logged step), each written once (see console.say)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = flatten_params(params)
-        print(f"[params] {len(flat)} parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())), flush=True)
+        say(f"[params] {len(flat)} parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         body = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        print(f"[step {step}] {body}", flush=True)
+        say(f"[step {step}] {body}")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        print(f"[artifact] {path}", flush=True)
+        say(f"[artifact] {path}")
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        print(f"[artifact] {artifact_file}: {json.dumps(data, sort_keys=True)}", flush=True)
+        say(f"[artifact] {artifact_file}: {json.dumps(data, sort_keys=True)}")
 
     def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
-        print(f"[image] {key} step {step}: {path}", flush=True)
+        say(f"[image] {key} step {step}: {path}")
 
 
 def _fmt(v: float) -> str:

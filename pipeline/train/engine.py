@@ -137,6 +137,8 @@ def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     master weights come from the ZeRO shards (zero_to_fp32); what those lack (stage 0: everything; stage 0/1:
     frozen parameters, which DeepSpeed stores only in the module state) comes from the module state, loaded
     with weights_only=True."""
+    import contextlib
+    import io
     import os
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -149,7 +151,11 @@ def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed model states for tag {tag!r} ({candidates[0]})")
     saved = torch.load(states, map_location="cpu", weights_only=True)
     stage = int((saved.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
-    sd = {} if stage == 0 else dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
+    sd: dict[str, torch.Tensor] = {}
+    if stage:
+        # zero_to_fp32 narrates each file it reads and draws a progress bar; its errors still raise
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
     for name, t in saved["module"].items():
         if name not in sd:
             sd[name] = t

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RunConfig
 from pipeline.data.loader import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
+from pipeline.tracking.console import progress_line, say
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
 from pipeline.train.spec import InitSpec, WorkerSpec
 
@@ -220,7 +221,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
         report({**metrics, "step": step, "stopped": float(stopped)}, tmp, step,
                before_marker=lambda: hooks.before_upload_commit(info, step))
 
-    window_t = time.perf_counter()
+    window_t = run_t0 = time.perf_counter()
     window_io = train_loader.counters()  # this rank's loader counters at the window's start
     window_wait = 0.0
     window_steps = 0
@@ -276,6 +277,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                     metrics["perf/mfu"] = m
             if not stopping:
                 metrics.update(evaluator.run(engine.module, step))
+            if rank == 0 and "train/loss" in metrics:  # what a user following the job sees, once per interval
+                say(progress_line(step, tr.steps, metrics, time.perf_counter() - run_t0, start_step))
             if metrics:
                 sink.log_metrics(metrics, step)
             saved = step % tr.checkpoint_every == 0 or step == tr.steps or stopping

@@ -166,6 +166,22 @@ def test_credentials_never_reach_tracking_artifacts_checkpoints_or_logs(secret_r
     assert not leaks, leaks
 
 
+def test_the_run_shows_one_progress_line_per_interval_and_no_ray_noise(secret_run):
+    """The same `vitpipe pretrain` run, as its user reads it: each logging interval is one progress line, printed
+    once; Ray Train's echo of every report and its State API polling are not shown, but stay in Ray's logs."""
+    import re
+
+    text = secret_run["output"]
+    progress = [line for line in text.splitlines() if re.search(r"\bstep \d+/2 \(\d+%\)", line)]
+    assert [re.search(r"step (\d+)/2", line)[1] for line in progress] == ["1", "2"], progress
+    assert all(k in progress[0] for k in ("loss ", " img/s", "data wait ", "ETA ")), progress[0]
+    for noise in ("Reporting training result", "Failed to query Ray Train Controller actor state", "FutureWarning"):
+        assert noise not in text, noise
+    ray_logs = b"".join(p.read_bytes() for p in secret_run["ray_tmp"].rglob("*")
+                        if p.is_file() and not p.is_symlink() and p.suffix in (".log", ".out", ".err"))
+    assert b"Reporting training result" in ray_logs  # filtered from the terminal only
+
+
 def test_printed_configs_and_dry_run_hide_credentials(monkeypatch, capsys):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
