@@ -68,15 +68,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.model.config import ModelConfig
+    from pipeline.model.config import ModelConfig, check_image_size
     from pipeline.model.flops import forward_flops, param_count
     from pipeline.model.variants import get_variant
 
     v = get_variant(args.name)
+    check_image_size(args.image_size, args.name, "--image-size")  # before the config's own (pydantic-worded) error
     cfg = ModelConfig(name=args.name, image_size=args.image_size, num_classes=args.num_classes,
                       classifier=args.classifier, pre_logits=args.pre_logits)
-    if cfg.image_size % v.patch_size:
-        raise ValueError(f"--image-size {cfg.image_size} is not a multiple of {args.name}'s patch size {v.patch_size}")
     grid = cfg.image_size // v.patch_size
     fwd = forward_flops(cfg)
     lines = {
@@ -94,7 +93,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.model.config import ModelConfig
+    from pipeline.model.config import ModelConfig, check_image_size
     from pipeline.model.variants import get_variant
     from pipeline.model.weights import adapt_state_dict, convert_state_dict, infer_config, read_weights
 
@@ -111,10 +110,8 @@ def _convert(args: argparse.Namespace) -> int:
         updates["num_classes"] = args.num_classes
     if args.drop_pre_logits:
         updates["pre_logits"] = None
+    check_image_size(updates.get("image_size", src_cfg.image_size), src_cfg.name, "--image-size")
     target = ModelConfig.model_validate({**src_cfg.model_dump(), **updates})
-    patch = get_variant(target.name).patch_size
-    if target.image_size % patch:
-        raise ValueError(f"--image-size {target.image_size} is not a multiple of {target.name}'s patch size {patch}")
     sd = adapt_state_dict(sd, src_cfg, target)
     out = save_checkpoint(args.output, sd, target, extra={
         "converted_from": {"source": args.source, "file": str(args.input), "model": src_cfg.model_dump(mode="json")},

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "check_image_size"]
 
 
 class ModelConfig(BaseModel):
@@ -40,13 +40,18 @@ class ModelConfig(BaseModel):
     @model_validator(mode="after")
     def _image_fits_patches(self) -> "ModelConfig":
         # Checked here, not only when the model is built: a pretraining run builds it inside its workers.
-        from pipeline.model.variants import VARIANTS
-
-        patch = VARIANTS[self.name].patch_size
-        if self.image_size % patch:
-            fits = sorted({self.image_size // patch * patch, (self.image_size // patch + 1) * patch} - {0})
-            raise ValueError(
-                f"model.image_size {self.image_size} is not a multiple of {self.name}'s patch size {patch}; "
-                f"use e.g. {' or '.join(map(str, fits))}"
-            )
+        check_image_size(self.image_size, self.name)
         return self
+
+
+def check_image_size(image_size: int, variant: str, what: str = "model.image_size", whose: str = "") -> None:
+    """The one check that an input resolution fits a variant's patch size: a ValueError naming `what`, the
+    variant (`whose` says whose it is, e.g. "the source model"), its patch size and the nearest sizes that fit."""
+    from pipeline.model.variants import get_variant
+
+    patch = get_variant(variant).patch_size
+    if image_size % patch:
+        fits = sorted({image_size // patch * patch, (image_size // patch + 1) * patch} - {0})
+        owner = f"{whose} {variant}" if whose else variant
+        raise ValueError(f"{what} {image_size} is not a multiple of {owner}'s patch size {patch}; "
+                         f"use e.g. {' or '.join(map(str, fits))}")

@@ -8,7 +8,7 @@ timm's and the paper's accounting (ViT-B/16 at 224 px: 17.56 GMACs here vs timm'
 
 from __future__ import annotations
 
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import ModelConfig, check_image_size
 from pipeline.model.variants import get_variant
 
 __all__ = ["forward_flops", "forward_macs", "training_flops", "param_count"]
@@ -21,9 +21,7 @@ def _cfg(cfg_or_name: ModelConfig | str, image_size: int | None = None) -> Model
         cfg = cfg_or_name
     if image_size is not None:
         cfg = cfg.model_copy(update={"image_size": image_size})
-    p = get_variant(cfg.name).patch_size
-    if cfg.image_size % p:
-        raise ValueError(f"image size {cfg.image_size} is not a multiple of {cfg.name}'s patch size {p}")
+    check_image_size(cfg.image_size, cfg.name, "image size")  # model_copy skips the config's own check
     return cfg
 
 

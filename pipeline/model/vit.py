@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import ModelConfig, check_image_size
 from pipeline.model.variants import Variant, get_variant
 
 __all__ = ["VisionTransformer", "build_model", "Attention", "Block", "Mlp"]
@@ -119,10 +119,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         v = get_variant(cfg.name)
-        if cfg.image_size % v.patch_size:
-            raise ValueError(
-                f"model.image_size {cfg.image_size} is not a multiple of {cfg.name}'s patch size {v.patch_size}"
-            )
+        check_image_size(cfg.image_size, cfg.name)  # a model_copy'd config skipped its own check
         self.cfg = cfg
         self.variant = v
         self.grid = (cfg.image_size // v.patch_size,) * 2

@@ -96,7 +96,7 @@ CASES = [
          [r"127\.0\.0\.1:\d+", r"check the tracking URI"], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}),
     # --- checkpoints ----------------------------------------------------------------------------------------
     Case("transfer-image-not-multiple-of-patch", transfer("models:/badinput-src@champion", "model.image_size=30"),
-         [r"model\.image_size 30 is not a multiple of the source model's patch size 4", r"28 or 32"],
+         [r"model\.image_size 30 is not a multiple of the source model vit_pico4's patch size 4", r"28 or 32"],
          needs=("mlflow",)),
     Case("registry-entry-without-model-json", transfer("models:/badinput-src/2"),
          [r"models:/badinput-src/2 .*is not a vitpipe checkpoint: missing model\.json"], needs=("mlflow",)),
