@@ -1,6 +1,6 @@
 """Data wait in the real training loop (not a test; prints figures and ratios).
 
-A 2-worker Ray Train + DeepSpeed ZeRO-2 run of the project's own loop (pipeline.launch.trainer.fit ->
+A 2-worker Ray Train + DeepSpeed ZeRO-2 run of the project's own loop (pipeline.launch.driver.fit ->
 pipeline.train.loop.run_training: loader, counters, logging, checkpoint at the end) streaming JPEG shards from the
 moto S3 server (its own process on 127.0.0.1), 1 DataLoader worker per rank; the model is sized so that its step
 takes about as long as one loader worker needs for a micro-batch. Against it, the same run fed from memory
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, train_url: str, endpoint: str, runs_dir: Path, name: str, synthetic: bool) -> dict:
     from pipeline.config import load_config
-    from pipeline.launch.trainer import fit
+    from pipeline.launch.driver import fit
     from pipeline.tracking.run import RunRef
 
     window = args.steps // 2
@@ -64,7 +64,7 @@ def main() -> None:
 
     from pipeline.data.config import StorageConfig
     from pipeline.data.shards import write_shards
-    from pipeline.launch.trainer import connect_ray
+    from pipeline.launch.driver import connect_ray
 
     jpegs = make_jpegs(args.images, tuple(args.jpeg_size))
     runs_dir = Path(tempfile.mkdtemp(prefix="vitpipe-bench-wait-"))

@@ -1,5 +1,5 @@
 """Overhead of our distributed training step, through the real loop: `run_training` under Ray Train + DeepSpeed
-ZeRO-2 (the code a job runs: pipeline.launch.trainer.fit, loader, counters, stdout sink; checkpoint and evaluation
+ZeRO-2 (the code a job runs: pipeline.launch.driver.fit, loader, counters, stdout sink; checkpoint and evaluation
 steps out of the timed range) against plain torch.distributed DDP fed by the same loader (2 processes, gloo, AdamW,
 gradient clipping, fp32). Between them, to say where the time goes: the same Ray + DeepSpeed engine in a hand loop
 (forward, backward, step; no counters, no sink, no per-step collective), which also times the per-step all-reduce
@@ -77,7 +77,7 @@ class StepClock(TrainHooks):
 
 # -- the real loop: run_training under Ray Train + DeepSpeed -----------------------------------------------------
 def ours_step_s(args, data: str) -> float:
-    from pipeline.launch.trainer import fit
+    from pipeline.launch.driver import fit
     from pipeline.tracking.run import RunRef
 
     with tempfile.TemporaryDirectory() as d:
@@ -144,7 +144,7 @@ def _shift(ends: list[float], excluded: list[float]) -> list[float]:
 
 
 def hand_step_s(args, data: str) -> dict:
-    from pipeline.launch.trainer import connect_ray
+    from pipeline.launch.driver import connect_ray
 
     connect_ray()
     import ray.train

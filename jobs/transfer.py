@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.tracking.run import RunStopped
     from pipeline.transfer.config import TransferRunConfig
-    from pipeline.transfer.job import run_transfer
+    from pipeline.transfer.runner import run_transfer
 
     try:
         cfg = load_config(args.config, args.overrides, TransferRunConfig)

@@ -31,7 +31,7 @@ from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import metric_history, ui_url
 from pipeline.tracking.tail import MetricsTail
 from pipeline.transfer.config import TransferRunConfig
-from pipeline.transfer.job import run_transfer
+from pipeline.transfer.runner import run_transfer
 
 __all__ = [
     "DemoPlan", "PLANS", "DemoResult", "run_demo", "find_fashion_mnist", "digits_28px", "format_summary",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, config_hash
-from pipeline.launch.trainer import check_cluster, connect_ray, fit, preflight, run_exists, run_url
+from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_exists, run_url
 from pipeline.tracking.run import RunStopped, TrackedRun, flatten_params
 from pipeline.train.hooks import TrainHooks
 

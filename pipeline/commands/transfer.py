@@ -65,7 +65,7 @@ def suite_job_args(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.transfer.config import TransferRunConfig
-    from pipeline.transfer.job import run_transfer
+    from pipeline.transfer.runner import run_transfer
 
     cfg = load_config(args.config, args.overrides, TransferRunConfig)
     result = run_transfer(cfg, source=args.source, workdir=args.workdir)

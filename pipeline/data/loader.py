@@ -1,6 +1,6 @@
 """The streaming, resumable, per-rank data loader over tar shards.
 
-Each (rank, DataLoader worker) slot reads the run of samples the epoch plan gives it (pipeline.data.plan), shuffles
+Each (rank, DataLoader worker) slot reads the run of samples the epoch plan gives it (pipeline.data.epochs), shuffles
 them in a bounded buffer whose RNG is seeded by (seed, epoch, slot), decodes + augments, and yields exactly
 `batches_per_slot` batches. Every worker yields the same number of batches, so torch's round-robin over workers
 is a fixed interleaving and every rank yields the same `len(loader)` batches.
@@ -48,7 +48,7 @@ import torch
 from pipeline.data.config import DataConfig, StorageConfig
 from pipeline.data.dedup import load_exclusions
 from pipeline.data.manifest import Manifest, load_dataset_spec
-from pipeline.data.plan import EpochPlan, Segment
+from pipeline.data.epochs import EpochPlan, Segment
 from pipeline.data.shards import iter_tar_samples
 from pipeline.data.storage import ReadAhead, io_counters, open_url
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_batch, decode_image

@@ -7,7 +7,7 @@ Each rank reports its checkpoint straight into storage at `<run_url>/checkpoint_
 (every rank's own files, its commit marker last), so a run started here resumes under Ray and the other way
 round, and the final export is the same. What Ray adds and this leaves out: worker restarts on failure, other
 machines, the stop signal from a job's driver (a SIGTERM to a rank still stops every rank cleanly), pruning to
-`scaling.num_to_keep`. Production runs go through `pipeline.launch.trainer.fit`.
+`scaling.num_to_keep`. Production runs go through `pipeline.launch.driver.fit`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 from pipeline.config import RunConfig
 from pipeline.launch.stop import install_worker_handler, termination_requested, training_active
 from pipeline.tracking.run import RunRef
-from pipeline.launch.trainer import FitResult, finish_fit
-from pipeline.launch.trainer import run_url as default_run_url
+from pipeline.launch.driver import FitResult, finish_fit
+from pipeline.launch.driver import run_url as default_run_url
 from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, fetch_intact, upload_checkpoint
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.loop import run_evaluation, run_training

@@ -39,7 +39,6 @@ __all__ = [
     "RegisteredVersion",
     "CHECKPOINT_FILES",
     "log_pyfunc_model",
-    "resolve_tracking_uri",
     "parse_model_uri",
     "code_version",
     "CODE_VERSION_ENV",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import ModelConfig, check_image_size
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
 
@@ -72,15 +72,10 @@ def finetune_model_config(source: ModelConfig, task: TransferModelConfig, *,
                           keep_pre_logits: bool = False) -> ModelConfig:
     """The fine-tuning ModelConfig: the source's architecture with the task's resolution, classes and dropout.
     Raises a ConfigError when the resolution does not fit the patch size."""
-    from pipeline.model.variants import get_variant
-
-    patch = get_variant(source.name).patch_size
-    if task.image_size % patch:
-        fits = sorted({task.image_size // patch * patch, (task.image_size // patch + 1) * patch} - {0})
-        raise ConfigError(
-            f"model.image_size {task.image_size} is not a multiple of the source model's patch size {patch} "
-            f"({source.name}); use e.g. {' or '.join(map(str, fits))}"
-        )
+    try:
+        check_image_size(task.image_size, source.name, whose="the source model")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return ModelConfig.model_validate(
         {
             **source.model_dump(),
@@ -192,7 +187,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
     tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
-    from pipeline.launch.trainer import check_cluster, connect_ray, evaluate, fit, preflight, run_exists, run_url
+    from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_exists, run_url
     from pipeline.tracking.registry import lineage_tags
     from pipeline.tracking.run import RunStopped, TrackedRun
     from pipeline.train.checkpoint import fetch_checkpoint, remove_dir, upload_dir

@@ -51,7 +51,7 @@ def shards(tmp_path_factory):
 @dataclass
 class Run:
     cfg: object
-    result: object  # pipeline.launch.trainer.FitResult
+    result: object  # pipeline.launch.driver.FitResult
     records: list[list[dict]]  # per rank: FaultHooks' JSON lines
 
     @property

@@ -61,7 +61,7 @@ def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_sto
     """Runs the loop; every reported checkpoint must be complete; the last one is copied to `keep_dir`."""
     import shutil
 
-    from pipeline.launch.trainer import run_url
+    from pipeline.launch.driver import run_url
     from pipeline.tracking.run import RunRef
     from pipeline.train.checkpoint import is_complete
     from pipeline.train.loop import run_training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.plan import EpochPlan
+from pipeline.data.epochs import EpochPlan
 
 
 def _samples(plan: EpochPlan, seed: int, epoch: int) -> dict[tuple[int, int], list[tuple[int, int]]]:

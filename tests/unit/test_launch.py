@@ -15,7 +15,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.launch.config import check_storage
-from pipeline.launch.trainer import check_cluster, worker_env
+from pipeline.launch.driver import check_cluster, worker_env
 from pipeline.pretrain import _check_resume, resume_changes
 from pipeline.tracking.run import RunRef
 from pipeline.train.hooks import TrainHooks
@@ -78,7 +78,7 @@ def test_ds_accelerator_is_never_forwarded_to_gpu_workers():
 
 
 def test_nccl_on_gpus_gloo_on_cpus():
-    from pipeline.launch.trainer import build_trainer
+    from pipeline.launch.driver import build_trainer
 
     for use_gpu, backend in ((True, "nccl"), (False, "gloo")):
         cfg = load_config(SMOKE, [f"scaling.use_gpu={use_gpu}", "scaling.storage_path=s3://b/runs"])

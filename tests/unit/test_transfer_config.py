@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.model.config import ModelConfig
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
-from pipeline.transfer.job import finetune_model_config
+from pipeline.transfer.runner import finetune_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "configs" / "transfer").glob("*.yaml") if not p.name.startswith("_"))
