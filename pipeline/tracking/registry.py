@@ -266,19 +266,23 @@ def register_checkpoint(
 
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint_dir(checkpoint_dir)
-    client = _client(tracking_uri)
-    model_id = log_pyfunc_model(checkpoint_dir, run_id=run_id, tracking_uri=resolve_tracking_uri(tracking_uri),
-                                name=artifact_path, normalize=normalize)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
     all_tags = {FORMAT_TAG: FORMAT, **{k: str(v) for k, v in (tags or {}).items()}}
-    mv = client.create_model_version(
-        name, source=f"models:/{model_id}", run_id=run_id, tags=all_tags, description=description,
-        model_id=model_id,
-    )
+    # A database registry (sqlite://, postgresql://) looks the logged model up through the process-wide
+    # tracking URI when the version is created, not through the client's: it must point at this store.
+    with _global_tracking_uri(uri):
+        model_id = log_pyfunc_model(checkpoint_dir, run_id=run_id, tracking_uri=uri, name=artifact_path,
+                                    normalize=normalize)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run_id, tags=all_tags, description=description,
+            model_id=model_id,
+        )
     if alias and alias.lower() != LATEST:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s (alias %s) from run %s", name, mv.version, alias, run_id)

@@ -147,3 +147,23 @@ def test_mlflow_models_serve_scores_a_real_image(mlflow_uri, registered, tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_database_store_registers_and_loads_the_pyfunc_model(tmp_path, monkeypatch):
+    """A sqlite store (the demo's, `mlflow ui --backend-store-uri sqlite:///...`): its registry resolves the
+    logged model through the process-wide tracking URI, which nothing here has set."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = save_checkpoint(tmp_path / "ckpt", _random_model(2, num_classes=10))
+    version = register_in_new_run(ckpt, name="pyfunc-sqlite", alias="champion", tracking_uri=uri,
+                                  experiment="pyfunc-sqlite")
+    assert version.source.startswith("models:/m-")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # restored as it was
+    mlflow.set_tracking_uri(uri)
+    try:
+        logits = mlflow.pyfunc.load_model("models:/pyfunc-sqlite@champion").predict(_digits_rgb(3))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert np.abs(logits - _reference(ckpt, _digits_rgb(3), "imagenet")).max() < 1e-5
