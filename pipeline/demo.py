@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, load_config
 from pipeline.eval.fewshot import ridge_probe
+from pipeline.launch.driver import connect_ray
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import metric_history, ui_url
@@ -146,25 +147,6 @@ def digits_28px(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy(), d.target.astype(np.int64)
 
 
-class _Slice:
-    """A contiguous range of another source (here: of an IDX file), written by the data area's shard writer."""
-
-    def __init__(self, source: Any, start: int, stop: int):
-        if not 0 <= start < stop <= len(source):
-            raise ValueError(f"slice [{start}, {stop}) outside a source of {len(source)} samples")
-        self.source, self.start, self.stop = source, start, stop
-        self.kind, self.class_names, self.label_type = source.kind, source.class_names, source.label_type
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def item(self, i: int) -> Any:
-        return self.source.item(self.start + i)
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.source.describe(), "range": [self.start, self.stop]}
-
-
 def _existing(dest: Path, name: str, samples: int) -> str | None:
     """The manifest URL of shards an earlier demo run wrote with the same dataset and size, if any."""
     manifest = dest / "manifest.json"
@@ -208,7 +190,7 @@ def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) ->
                                                                                           dict[str, int]]:
     """Stage 1: the pretraining splits (Fashion-MNIST, or digits when it is absent) and the digits splits.
     Returns (pretraining dataset name, split -> manifest URL, split -> samples)."""
-    from pipeline.data.sources import ArraySource, IdxSource
+    from pipeline.data.sources import ArraySource, IdxSource, SliceSource
 
     urls: dict[str, str] = {}
     digit_sources = {split: ArraySource(x, y, DIGIT_CLASSES) for split, (x, y) in digits_splits(plan).items()}
@@ -220,10 +202,10 @@ def write_demo_data(plan: DemoPlan, shards: Path, say: Callable[[str], None]) ->
         test = IdxSource(str(files["test_images"]), str(files["test_labels"]), FMNIST_CLASSES)
         a, b = plan.fmnist_train, plan.fmnist_val
         pre = {
-            "train": _Slice(train, 0, a),
-            "val": _Slice(test, 0, b),
-            "fewshot-train": _Slice(train, a, a + plan.fewshot_train),
-            "fewshot-test": _Slice(test, b, b + plan.fewshot_test),
+            "train": SliceSource(train, 0, a),
+            "val": SliceSource(test, 0, b),
+            "fewshot-train": SliceSource(train, a, a + plan.fewshot_train),
+            "fewshot-test": SliceSource(test, b, b + plan.fewshot_test),
         }
     else:
         dataset = "digits"
@@ -273,21 +255,15 @@ def _demo_environment(say: Callable[[str], None], worker_logs: bool) -> Iterator
     """Embedded defaults: a local Ray on loopback and the demo's own MLflow store, whatever the shell points at.
     Unless `worker_logs`, the Ray workers' output stays in Ray's log files: the console shows the stages and the
     metrics as MLflow receives them (MetricsTail)."""
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_LOG_TO_DRIVER")}
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     for k, v in saved.items():
-        if v and k != "RAY_LOG_TO_DRIVER":
+        if v:
             say(f"  note: ignoring ${k}={v} (the demo runs on embedded defaults)")
         os.environ.pop(k, None)
     defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
                 "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vitpipe" / "torch_extensions")}
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
-    if not worker_logs:
-        # read by ray.init (through ray_constants) when the trainer starts the local Ray without saying
-        os.environ["RAY_LOG_TO_DRIVER"] = "0"
-        if "ray._private.ray_constants" in sys.modules:
-            sys.modules["ray._private.ray_constants"].RAY_LOG_TO_DRIVER = False
-        say("  Ray workers' output goes to /tmp/ray/session_latest/logs/ (--worker-logs shows it here)")
     try:
         yield
     finally:
@@ -342,6 +318,10 @@ def run_demo(workdir: str | Path = "demo-out", *, quick: bool = False, worker_lo
     t0 = time.perf_counter()
     with _demo_environment(say, worker_logs):
         _prepare_workdir(workdir, say)
+        # the local Ray every stage then reuses (run_pretraining / run_transfer connect to an initialised Ray as is)
+        connect_ray(log_to_driver=worker_logs)
+        if not worker_logs:
+            say("  Ray workers' output goes to /tmp/ray/session_latest/logs/ (--worker-logs shows it here)")
         tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
         result = DemoResult(workdir, tracking_uri, "")
         stages = _Stages(result, say, 6)

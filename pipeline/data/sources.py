@@ -16,8 +16,8 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.storage import get_filesystem, parent_url, url_join
 
-__all__ = ["SourceItem", "Source", "ImageFolderSource", "IdxSource", "TableSource", "ArraySource", "open_source",
-           "read_idx"]
+__all__ = ["SourceItem", "Source", "ImageFolderSource", "IdxSource", "TableSource", "ArraySource", "SliceSource",
+           "open_source", "read_idx"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -159,6 +159,25 @@ class IdxSource(ArraySource):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "images": self.images_url, "labels": self.labels_url}
+
+
+class SliceSource(Source):
+    """Samples [start, stop) of another source (e.g. a validation split cut from one IDX file)."""
+
+    def __init__(self, source: Source, start: int, stop: int):
+        if not 0 <= start < stop <= len(source):
+            raise ValueError(f"slice [{start}, {stop}) outside a source of {len(source)} samples")
+        self.source, self.start, self.stop = source, start, stop
+        self.kind, self.class_names, self.label_type = source.kind, source.class_names, source.label_type
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def item(self, i: int) -> SourceItem:
+        return self.source.item(self.start + i)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "range": [self.start, self.stop]}
 
 
 class TableSource(Source):

@@ -52,8 +52,9 @@ class FitResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # the last step's reported metrics
 
 
-def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connects to `address` / $RAY_ADDRESS, or starts a local single-node Ray bound to 127.0.0.1."""
+def connect_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Connects to `address` / $RAY_ADDRESS, or starts a local single-node Ray bound to 127.0.0.1; a Ray already
+    initialised in this process is used as it is. `log_to_driver`: the workers' output is printed here too."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray picks the eth0 address for its services and MASTER_ADDR unless told it runs a local-only node; its
@@ -64,12 +65,12 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def cluster_nodes() -> int:
