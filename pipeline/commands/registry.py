@@ -10,22 +10,29 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("registry", help="list, inspect, alias and import registered models (MLflow registry)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
+    uri_help = "MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db"
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
     rsub = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
-    ls = rsub.add_parser("list", help="registered models with their latest version and aliases")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        a = rsub.add_parser(name, help=help)
+        # also after the action (`registry show NAME --tracking-uri URI`), as users type it
+        a.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=uri_help)
+        return a
+
+    ls = action("list", "registered models with their latest version and aliases")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_list)
-    show = rsub.add_parser("show", help="a model's versions: description, aliases, lineage chain back to the "
-                           "pretraining data, tags")
-    show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show = action("show", "a model's versions: description, aliases, lineage chain back to the pretraining data, tags")
+    show.add_argument("name", help="registered model name (`vitpipe registry list`)")
+    show.add_argument("--json", action="store_true", help="the same as JSON (each version's lineage under \"lineage\")")
     show.set_defaults(func=_show)
-    alias = rsub.add_parser("alias", help="point ALIAS at VERSION of NAME")
+    alias = action("alias", "point ALIAS at VERSION of NAME")
     alias.add_argument("name")
     alias.add_argument("version")
     alias.add_argument("alias")
     alias.set_defaults(func=_alias)
-    imp = rsub.add_parser("import", help="register externally pretrained weights (converted to our checkpoint)")
+    imp = action("import", "register externally pretrained weights (converted to our checkpoint)")
     imp.add_argument("--source", required=True, choices=["timm", "npz", "hf"], help="layout of the weights file")
     imp.add_argument("file", help=".safetensors, .npz, .bin/.pt/.pth (never unpickled)")
     imp.add_argument("name", help="registered model name")

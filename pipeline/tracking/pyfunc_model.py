@@ -5,6 +5,9 @@ cloudpickle of any object) next to the checkpoint's `model.safetensors` + `model
 Input: uint8 images [N, H, W, C] (the signature's dtype; MLflow enforces it), at the model's resolution.
 Output: float32 logits [N, num_classes], or features [N, embed_dim] for a headless model. The normalisation the
 model was trained with (`model_config["normalize"]`) is applied here, the way the training loop applies it.
+
+The library never imports this module (the registry passes MLflow its path); MLflow executes it, which is why
+mlflow is imported at the top here and `set_model` runs at import.
 """
 
 from __future__ import annotations

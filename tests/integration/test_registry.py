@@ -84,7 +84,7 @@ def test_registry_show_prints_the_lineage_chain_back_to_the_pretraining_data(mlf
     assert lines[at + 2].startswith("<- models:/lin-ft/1") and "50 steps" in lines[at + 2]
     assert lines[at + 3].startswith("<- models:/lin-pre/1") and f"data {manifest} (checksum sha256:abc123)" in lines[
         at + 3]
-    assert main(["registry", "show", "lin-pre"]) == 0
+    assert main(["registry", "show", "lin-pre", "--tracking-uri", mlflow_uri]) == 0  # the URI after the action too
     assert "aliases @champion" in capsys.readouterr().out
 
 
