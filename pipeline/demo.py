@@ -431,10 +431,10 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
         for name in (pre_cfg.tracking.registered_model, tr_cfg.tracking.registered_model):
             d = describe_model(name, uri)
             for v in d["versions"]:
-                aliases = [a for a, ver in d["aliases"].items() if str(ver) == v["version"]]
-                lineage = {k: v["tags"][k] for k in ("model.variant", "resolution", "steps", "source.uri", "run_id")
-                           if k in v["tags"]}
-                say(f"  {name} v{v['version']} @{','.join(aliases) or '-'}  {lineage}")
+                tags = {k: v["tags"][k] for k in ("model.variant", "resolution", "steps") if k in v["tags"]}
+                say(f"  {name} v{v['version']} @{','.join(v['aliases']) or '-'}  {tags}")
+                chain = " <- ".join(link["uri"] for link in v["lineage"])
+                say(f"    lineage: {chain} <- data {v['lineage'][-1].get('dataset.url', 'unknown')}")
 
 
 def _shutdown_ray() -> None:

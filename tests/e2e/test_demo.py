@@ -25,6 +25,9 @@ def test_demo_quick_prints_the_summary(tmp_path):
     assert r.returncode == 0, out[-5000:] + r.stderr[-5000:]
     for i in range(1, 7):
         assert f"[demo {i}/6] done in" in out
+    # stage 6: the fine-tuned version's lineage, back through the pretrained version to the pretraining manifest
+    assert re.search(r"lineage: models:/vit-demo-digits/1 <- models:/vit-demo/1 <- data \S+/train/manifest\.json",
+                     out), out[-3000:]
     summary = out[out.index("vitpipe demo summary"):]
     rows = {line.split()[1] for line in summary.splitlines() if re.match(r"^\d \w+\s+[\d.]+ s ", line)}
     assert rows == {"data", "pretrain", "transfer", "scratch", "probe", "registry"}, summary
