@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT
+from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.tracking.run import TrackedRun
 
@@ -235,7 +235,8 @@ def log_pyfunc_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: s
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
             python_model=str(PYFUNC_MODEL_FILE),
-            artifacts={"weights": str(checkpoint_dir / CHECKPOINT_FILES[0]), "config": str(checkpoint_dir / CONFIG_FILE)},
+            # only our two files: a checkpoint folder may also hold DeepSpeed shards or loader state
+            artifacts={"weights": str(checkpoint_dir / WEIGHTS_FILE), "config": str(checkpoint_dir / CONFIG_FILE)},
             model_config={"normalize": normalize},
             signature=signature,
             input_example=_example_images(size, chans),
@@ -275,7 +276,7 @@ def register_checkpoint(
         model_id = log_pyfunc_model(checkpoint_dir, run_id=run_id, tracking_uri=uri, name=artifact_path,
                                     normalize=normalize)
         try:
-            client.create_registered_model(name)
+            client.create_registered_model(name, description=description)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

@@ -92,6 +92,8 @@ def test_pretraining_registers_a_version_with_lineage(pretrained, digits, mlflow
     logged = MlflowClient(mlflow_uri).get_logged_model(v.source.removeprefix("models:/"))
     assert logged.source_run_id == pretrained.run_id and logged.name == "final"
     assert v.description.startswith(f"pretrained on {digits['train']} for 4 steps"), v.description
+    # the registered model, created by its first version, carries that version's description too
+    assert MlflowClient(mlflow_uri).get_registered_model("vit-smoke").description == v.description
 
 
 def test_finetune_from_the_registry_at_a_new_resolution(pretrained, digits, mlflow_uri, tmp_path, capsys):
