@@ -431,7 +431,7 @@ def describe_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]
             {"version": str(v.version), "source": v.source, "run_id": v.run_id, "tags": dict(v.tags or {}),
              "description": v.description or "",
              "aliases": sorted(a for a, n in (getattr(model, "aliases", {}) or {}).items() if str(n) == str(v.version)),
-             "lineage": lineage(f"models:/{name}/{v.version}", tracking_uri)}
+             "lineage": _chain(client, _to_version(v))}
             for v in versions
         ],
     }
@@ -442,22 +442,29 @@ def lineage(uri: str, tracking_uri: str | None = None) -> list[dict[str, str]]:
     (its `source.model` / `source.version` tags), ending at the pretrained one, whose dataset tags name the
     pretraining data (its manifest URL and checksum). A link to a version that no longer exists ends the chain
     with an entry saying so."""
+    return _chain(_client(tracking_uri), resolve_version(uri, tracking_uri))
+
+
+def _chain(client: "MlflowClient", version: RegisteredVersion) -> list[dict[str, str]]:
+    """lineage() from a version in hand: one registry request per parent."""
+    from mlflow.exceptions import MlflowException
+
     chain: list[dict[str, str]] = []
     seen: set[str] = set()
-    while uri not in seen:
-        seen.add(uri)
-        try:
-            v = resolve_version(uri, tracking_uri)
-        except RegistryError:
-            chain.append({"uri": uri, "missing": "true"})
-            break
+    v: RegisteredVersion | None = version
+    while v is not None and v.uri not in seen:
+        seen.add(v.uri)
         t = v.tags
         chain.append({"uri": v.uri, "run_id": v.run_id or "", "dataset.url": t.get("dataset.url", "unknown"),
                       "dataset.checksum": t.get("dataset.checksum", "unknown"), "steps": t.get("steps", "")})
         parent = t.get("source.model") or t.get("source.registered_model")  # the latter: versions before 0.2
         if not parent or not t.get("source.version"):
             break
-        uri = f"models:/{parent}/{t['source.version']}"
+        try:
+            v = _to_version(client.get_model_version(parent, t["source.version"]))
+        except MlflowException:
+            chain.append({"uri": f"models:/{parent}/{t['source.version']}", "missing": "true"})
+            v = None
     return chain
 
 
