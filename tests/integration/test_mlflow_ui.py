@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.ray_stack import write_digit_splits
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,19 +43,8 @@ def _search_charts(page, query: str, shows: str) -> None:
 @pytest.fixture(scope="module")
 def submitted(local_stack, tmp_path_factory):
     """Digits shards on the stack's S3 and a pretraining job on them, submitted and followed as a user does."""
-    from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_array_shards
-    from pipeline.demo import digits_28px
-
-    x, y = digits_28px()
     data = f"s3://{local_stack.bucket}/ui-test"
-    with pytest.MonkeyPatch.context() as m:  # the stack's own credentials, only while writing
-        for k, v in local_stack.env().items():
-            m.setenv(k, v)
-        splits = {split: write_array_shards(x[a:b], y[a:b], f"{data}/{split}", name="digits", split=split,
-                                            class_names=[str(i) for i in range(10)], samples_per_shard=64,
-                                            storage=StorageConfig(endpoint_url=local_stack.s3_endpoint))
-                  for split, (a, b) in {"train": (0, 256), "val": (1000, 1064)}.items()}
+    splits = write_digit_splits(local_stack, data, {"train": (0, 256), "val": (1000, 1064)})
     args = ["submit", "pretrain", "configs/pretrain/smoke.yaml", "--follow", "--set", f"name={RUN}",
             f"data.train={splits['train']}", f"data.val={splits['val']}", f"data.fewshot_train={splits['train']}",
             f"data.fewshot_test={splits['val']}", "data.num_workers=0", f"train.steps={STEPS}",

@@ -39,24 +39,15 @@ def world(local_stack, tmp_path_factory):
     """Digits shards on the stack's S3 (a train split, three eval splits: the tasks' top-1 differ),
     `suite-src@champion` (a fresh vit_pico4 at 28 px: transfer needs weights,
     not good ones), and a writer of task folders."""
-    from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_array_shards
-    from pipeline.demo import digits_28px
     from pipeline.model import build_model
     from pipeline.model.checkpoint import save_checkpoint
     from tests.fixtures.mlflow import register_in_new_run
+    from tests.fixtures.ray_stack import stack_credentials, write_digit_splits
 
-    x, y = digits_28px()
-    storage = StorageConfig(endpoint_url=local_stack.s3_endpoint)
     data = f"s3://{local_stack.bucket}/suite-test"
-    with pytest.MonkeyPatch.context() as m:  # the stack's own credentials, only while writing
-        for k, v in local_stack.env().items():
-            m.setenv(k, v)
-        splits = {split: write_array_shards(x[a:b], y[a:b], f"{data}/{split}", name="digits", split=split,
-                                            class_names=[str(i) for i in range(10)], samples_per_shard=64,
-                                            storage=storage)
-                  for split, (a, b) in {"train": (0, 128), "test-a": (1000, 1064), "test-b": (1100, 1164),
-                                        "test-c": (1200, 1264)}.items()}
+    splits = write_digit_splits(local_stack, data, {"train": (0, 128), "test-a": (1000, 1064),
+                                                    "test-b": (1100, 1164), "test-c": (1200, 1264)})
+    with stack_credentials(local_stack):
         ckpt = save_checkpoint(tmp_path_factory.mktemp("src"),
                                build_model("vit_pico4", image_size=28, num_classes=10, pre_logits=64))
         register_in_new_run(ckpt, name="suite-src", alias="champion", tracking_uri=local_stack.mlflow_uri,
