@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.data.config import DataConfig, StorageConfig
+from pipeline.data.config import DataConfig, StorageConfig, resolve_readers
 from pipeline.launch.config import ScalingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking.config import TrackingConfig
@@ -43,6 +43,12 @@ class RunConfig(BaseModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _resolve_readers(self) -> "RunConfig":
+        # the resolved number is what the run records (params, checkpoints): it fixes the sample order
+        self.data.virtual_readers = resolve_readers(self.data, self.train.global_batch)
+        return self
 
 
 _Origins = dict[str, str]  # dotted key -> where it was set

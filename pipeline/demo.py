@@ -353,7 +353,7 @@ def _run_stages(plan: DemoPlan, workdir: Path, result: DemoResult, stages: _Stag
 
     m, t = pre_cfg.model, pre_cfg.train
     with stages.stage(f"pretrain: {m.name} at {m.image_size} px on {dataset}, DeepSpeed ZeRO-{t.zero.stage} on "
-                      f"{pre_cfg.scaling.num_workers} Ray workers, {t.steps} steps x {t.global_batch} images"):
+                      f"{pre_cfg.scaling.max_workers} Ray workers, {t.steps} steps x {t.global_batch} images"):
         tail = MetricsTail(uri, pre_cfg.tracking.experiment, pre_cfg.name, t.steps, "pretrain", say)
         tail.start()
         try:

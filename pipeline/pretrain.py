@@ -20,7 +20,8 @@ from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, r
 from pipeline.tracking.run import RunStopped, TrackedRun, flatten_params
 from pipeline.train.hooks import TrainHooks
 
-__all__ = ["PretrainResult", "run_pretraining", "resume_changes", "RESUMABLE_CHANGES", "ARCHITECTURE"]
+__all__ = ["PretrainResult", "run_pretraining", "resume_changes", "RESUMABLE_CHANGES", "ARCHITECTURE",
+           "SAMPLE_ORDER"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every",
                      "data.num_workers", "data.prefetch_factor")
 ARCHITECTURE = ("model.name", "model.image_size", "model.in_chans", "model.num_classes", "model.classifier",
                 "model.pre_logits")
+# Fields that fix the order of the samples (pipeline.data.epochs.ReaderPlan): a resume that changes one is refused.
+SAMPLE_ORDER = ("data.virtual_readers", "train.global_batch", "data.seed")
 
 
 @dataclass
@@ -61,6 +64,18 @@ def _check_resume(saved: dict[str, Any] | None, cfg: RunConfig, checkpoint: str)
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in arch)
         raise ConfigError(f"--resume: checkpoint {checkpoint} holds another model ({listed}); set the same values "
                           "or start a new run (--set name=...)")
+    if saved.get("data", {}).get("virtual_readers") is None:  # written before the elastic plan
+        log.warning("--resume: checkpoint %s predates the elastic data plan: it continues at its step with %d virtual "
+                    "readers; the samples of its epoch in progress are not exactly the ones it would have read",
+                    checkpoint, cfg.data.virtual_readers)
+        changes = [c for c in changes if c[0] != "data.virtual_readers"]
+    else:
+        order = [c for c in changes if c[0] in SAMPLE_ORDER]
+        if order:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in order)
+            raise ConfigError(f"--resume: checkpoint {checkpoint} was trained with another order of the samples "
+                              f"({listed}); set the same values to continue it exactly, or start a new run "
+                              "(--set name=...)")
     other = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
     for k, a, b in changes:
         log.log(logging.WARNING if (k, a, b) in other else logging.INFO, "--resume: %s changed %r -> %r", k, a, b)
@@ -95,7 +110,7 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
     with TrackedRun.open(cfg.tracking, cfg.name, resume_id=resume_id, tags=tags) as run:
         if not run.resumed:
             run.log_params(cfg.model_dump(mode="json"))
-            run.log_dict(deepspeed_config(cfg.train, cfg.scaling.num_workers), "deepspeed_config.json")
+            run.log_dict(deepspeed_config(cfg.train, cfg.scaling.max_workers), "deepspeed_config.json")
         result = fit(cfg, run=run.ref, hooks=hooks, address=address)
         if result.stopped:
             raise RunStopped(cfg.name, result.step, result.checkpoint, result.reason or "stop requested")

@@ -14,7 +14,8 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="estimate FLOPs, memory, wall time and input bandwidth of a pretraining config")
     add_config_args(p)
-    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: scaling.num_workers)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="number of GPUs (default: scaling.num_workers, its max when elastic)")
     p.add_argument("--gpu-type", default="h100", help="h100 | h100-pcie | h200 | a100 | l40s | ... (16-bit dense peak; pipeline.train.throughput.GPUS)")
     p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--num-samples", type=int, default=None, help="dataset size (default: read from the manifest)")
@@ -36,7 +37,7 @@ def _plan(args: argparse.Namespace) -> int:
         num_samples, bytes_per_sample = _from_dataset(cfg, num_samples, bytes_per_sample)
     plan = make_plan(
         cfg,
-        gpus=args.gpus if args.gpus is not None else cfg.scaling.num_workers,
+        gpus=args.gpus if args.gpus is not None else cfg.scaling.max_workers,
         gpu_type=args.gpu_type,
         mfu=args.mfu,
         num_samples=num_samples,

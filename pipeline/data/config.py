@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["StorageConfig", "AugmentConfig", "DataConfig"]
+__all__ = ["StorageConfig", "AugmentConfig", "DataConfig", "DEFAULT_READERS", "resolve_readers"]
+
+# 48 serves 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48 workers
+DEFAULT_READERS = 48
 
 
 class StorageConfig(BaseModel):
@@ -63,8 +66,17 @@ class DataConfig(BaseModel):
     val: str | None = Field(None, description="held-out split for validation (loss, precision@1)")
     fewshot_train: str | None = Field(None, description="small labelled set for few-shot linear evaluation")
     fewshot_test: str | None = None
-    num_workers: int = Field(2, ge=0, description="DataLoader workers per rank")
-    shuffle_buffer: int = Field(2000, ge=0, description="samples held for shuffling; 0 = no sample shuffle")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per rank (at most the rank's virtual readers)")
+    virtual_readers: int | None = Field(
+        None, ge=1, description="training: each epoch is cut into this many virtual readers, and every step takes "
+        "the same samples from each, so the samples of a step do not depend on the world size, micro batch or "
+        "DataLoader workers and a checkpoint continues exactly on another number of workers. Every world size must "
+        f"divide it (and train.global_batch must be a multiple of micro_batch x workers). null = {DEFAULT_READERS} "
+        "(or train.global_batch when smaller); a rank holds virtual_readers / workers open shard streams and "
+        "shuffle buffers")
+    shuffle_buffer: int = Field(
+        256, ge=0, description="samples each virtual reader (training) or DataLoader worker (evaluation) holds for "
+        "shuffling; 0 = no sample shuffle")
     seed: int = 0
     on_error: Literal["skip", "fail"] = Field("skip", description="an unreadable shard: skip and count, or raise")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -73,5 +85,15 @@ class DataConfig(BaseModel):
         "cpu", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (exactly "
         "resumable); 'cuda' on the worker's GPU, JPEGs batched through nvJPEG (needs scaling.use_gpu)")
     synthetic: bool = Field(
-        False, description="benchmarking: every step trains on the first micro-batch of data.train, read and "
+        False, description="benchmarking: every step trains on the micro-batches of the first step, read and "
         "decoded once (the loop, its counters and logging unchanged): perf/step_time_s without the input pipeline")
+
+
+def resolve_readers(data: DataConfig, global_batch: int) -> int:
+    """The run's number of virtual readers: `data.virtual_readers`, or its default for this global batch. Refuses
+    more readers than samples per step."""
+    readers = data.virtual_readers if data.virtual_readers is not None else min(DEFAULT_READERS, global_batch)
+    if readers > global_batch:
+        raise ValueError(f"data.virtual_readers ({readers}) exceeds train.global_batch ({global_batch}): every reader "
+                         "gives at least one sample to every step; lower data.virtual_readers")
+    return readers

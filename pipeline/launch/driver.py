@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.config import StorageConfig
-from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, is_node_local
+from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, check_world_sizes, is_node_local
+from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
 from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
 from pipeline.tracking.run import RunRef
@@ -134,15 +135,11 @@ def check_cluster(cfg: RunConfig, nodes: int | None = None) -> None:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Cheap checks before any cluster work: batch arithmetic, storage, datasets readable and consistent with
-    the model."""
+    """Cheap checks before any cluster work: the world sizes the plan must serve, storage, datasets readable and
+    consistent with the model."""
     from pipeline.data.manifest import load_dataset_spec
-    from pipeline.train.engine import gradient_accumulation
 
-    try:
-        gradient_accumulation(cfg.train, cfg.scaling.num_workers)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_world_sizes(cfg)
     check_storage(cfg)
     train = load_dataset_spec(cfg.data.train, cfg.storage)
     if train.num_classes and cfg.model.num_classes and train.num_classes > cfg.model.num_classes:
@@ -150,6 +147,13 @@ def preflight(cfg: RunConfig) -> None:
             f"data.train ({cfg.data.train}) has {train.num_classes} classes but model.num_classes is "
             f"{cfg.model.num_classes}; set model.num_classes={train.num_classes}"
         )
+    try:  # the plan over this dataset: one global batch per epoch at least
+        from pipeline.data.config import resolve_readers
+        from pipeline.data.epochs import ReaderPlan
+
+        ReaderPlan(train.samples_per_shard, resolve_readers(cfg.data, cfg.train.global_batch), cfg.train.global_batch)
+    except ValueError as e:
+        raise ConfigError(f"data.train ({cfg.data.train}): {e}") from None
     if cfg.data.val:
         load_dataset_spec(cfg.data.val, cfg.storage)
     if cfg.data.fewshot_train and cfg.train.fewshot_every:
@@ -177,11 +181,14 @@ def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
         resources["GPU"] = sc.gpus_per_worker
     storage_path, storage_fs = ray_storage(sc.storage_path, cfg.storage)
     env = worker_env(cfg)
+    elastic = {"elastic_resize_monitor_interval_s": sc.resize_interval_s} if sc.elastic else {}
+    callbacks = [resize_gate(CommitRequest(run_url(cfg), cfg.storage), sc.stop_grace_s, sc.resize_interval_s)] \
+        if sc.elastic else None
     return TorchTrainer(
         train_fn,
         torch_config=torch_config("nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources, **elastic,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -190,6 +197,7 @@ def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=sc.num_to_keep),
             worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=callbacks,
         ),
     )
 
@@ -226,6 +234,7 @@ def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = No
     spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks(),
                       final_eval=final_eval)
     stop = StopSignal.create(url, cfg.storage)
+    CommitRequest(url, cfg.storage).clear()  # a request an earlier attempt left behind is not this group's
     trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
     with on_sigterm(stop):
         result = trainer.fit()

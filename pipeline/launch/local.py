@@ -71,7 +71,8 @@ def run_rank(spec: WorkerSpec, rank: int, world_size: int) -> dict[str, Any]:
         return run_evaluation(spec, rank=rank, world_size=world_size, report=lambda *_: None)
     with training_active(), restore_from_storage(spec) as restore_dir:
         return run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir,
-                            report=storage_report(spec), should_stop=termination_requested)
+                            report=storage_report(spec),
+                            interrupt=lambda: "stop" if termination_requested() else None)
 
 
 def free_port() -> int:

@@ -106,9 +106,10 @@ def _project_path(path: str, project_dir: Path, working_dir: bool, folder: bool 
 
 
 def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
-    """The validated config, with the storage checks that need no cluster (placeholder, node-local path on GPUs)."""
+    """The validated config, with the checks that need no cluster: storage (placeholder, node-local path on GPUs) and
+    the world sizes the training plan must serve."""
     from pipeline.config import ConfigError, RunConfig, config_class, load_config
-    from pipeline.launch.config import check_storage
+    from pipeline.launch.config import check_storage, check_world_sizes
 
     if kind == "pretrain":
         cfg = load_config(configs, overrides, RunConfig)
@@ -118,6 +119,7 @@ def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
             raise ConfigError(f"{configs[-1]}: a transfer config needs a `transfer:` section")
         cfg = load_config(configs, overrides, cls)
     check_storage(cfg)
+    check_world_sizes(cfg)
     return cfg
 
 

@@ -1,6 +1,12 @@
 """The function every Ray Train worker runs: it finds the checkpoint to restore (Ray's latest or the newest one
-committed in storage, whichever is newer), wires Ray's report and the stop signals, and runs the training loop
-(pipeline.train.loop.run_training) on its `WorkerSpec`. ray is imported inside functions."""
+committed in storage, whichever is newer), wires Ray's report and the interruptions, and runs the training loop
+(pipeline.train.loop.run_training) on its `WorkerSpec`.
+
+Interruptions: a SIGTERM to the job's driver (StopSignal) stops the run after a checkpoint at a common step, as does
+a SIGTERM to a worker of a fixed-size group. In an elastic group (`scaling.num_workers: [min, max]`) a worker's
+SIGTERM is a preemption notice and a resize request (pipeline.launch.elastic.CommitRequest) asks for a checkpoint:
+the group commits one at a common step and waits to be replaced, and the next group continues from it.
+ray is imported inside functions."""
 
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ import os
 import threading
 from typing import Callable, Iterator
 
+from pipeline.launch.elastic import CommitRequest, wait_to_be_replaced
 from pipeline.launch.stop import StopSignal, termination_requested, training_active
-from pipeline.train.checkpoint import checkpoint_dir_name, upload_checkpoint
-from pipeline.train.loop import run_evaluation, run_training
+from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, upload_checkpoint
+from pipeline.train.loop import Interrupt, run_evaluation, run_training
 from pipeline.train.spec import WorkerSpec
 
 __all__ = ["train_worker", "eval_worker", "restore_point", "CheckpointReporter", "EVALUATION_FILE"]
@@ -107,16 +114,33 @@ def train_worker(spec: WorkerSpec, stop: StopSignal | None = None) -> None:
                     os.environ.pop("DS_ACCELERATOR"))
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    sc = spec.config.scaling
+    resize = CommitRequest(spec.run_url, spec.config.storage) if sc.elastic and rank == 0 else None
 
-    def should_stop() -> bool:
-        # rank 0 asks the driver's flag (one poll is enough: the loop all-reduces every rank's vote)
-        return termination_requested() or (stop is not None and rank == 0 and stop.requested())
+    def interrupt() -> Interrupt:
+        if termination_requested():  # this worker was sent a SIGTERM: preempted (elastic) or stopped
+            return "pause" if sc.elastic else "stop"
+        # rank 0 asks the driver's flag and the resize requests (one poll is enough: the loop all-reduces the votes)
+        if rank == 0 and stop is not None and stop.requested():
+            return "stop"
+        if resize is not None and resize.pending():
+            return "pause"
+        return None
 
     with training_active(), restore_point(spec) as restore_dir:
         reporter = CheckpointReporter(spec)
-        run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=reporter,
-                     should_stop=should_stop)
+        last = run_training(spec, rank=rank, world_size=world_size, restore_dir=restore_dir, report=reporter,
+                            interrupt=interrupt)
         reporter.wait()
+    if last.get("interrupt") != "pause":
+        if resize is not None:  # a resize asked for while the last steps ran: the final checkpoint answers it
+            resize.answer_if_pending(int(last["step"]))
+        return
+    every_rank(True)  # every rank's checkpoint is uploaded: the pause's checkpoint is committed
+    if resize is not None:
+        resize.answer(int(last["step"]))
+    why = "preempted (SIGTERM)" if termination_requested() else "paused for a resize or another rank's preemption"
+    wait_to_be_replaced(int(last["step"]), sc.stop_grace_s, why)
 
 
 EVALUATION_FILE = "evaluation.json"

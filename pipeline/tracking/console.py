@@ -21,6 +21,7 @@ NOISE = tuple(re.compile(p) for p in (
     r"Reporting training result \d+: TrainingReport\(",  # Ray Train v2 echoes every ray.train.report at INFO
     r"has constructor arguments in the object store and max_restarts > 0",  # Ray Train's own PreemptionWatcher
     r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",  # each rank's op (cache hit or not)
+    r"Did not detect any changes in the cluster resources",  # an elastic group's every resize consideration
     r"\b(Future|Deprecation|RayDeprecation|PendingDeprecation)Warning: ",  # the line that warnings printed
 ))
 # warnings.warn prints the warning line, then the offending source line indented: drop that one with it

@@ -52,6 +52,9 @@ class MetricsSink:
         """A picture (a PNG file, which must exist until `close()` returns) as step `step` of the image series
         `key`: the MLflow UI's image view shows the series evolve over the steps."""
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Run tags (e.g. an event of the run, shown on the run's overview page)."""
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Waits (at most `timeout_s`) until what was logged so far is shipped; True if it was."""
         return True
@@ -84,6 +87,9 @@ class StdoutSink(MetricsSink):
     def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
         say(f"[image] {key} step {step}: {path}")
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        say("[tags] " + ", ".join(f"{k}={v}" for k, v in sorted(tags.items())))
+
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -103,6 +109,7 @@ class MlflowSink(MetricsSink):
         self._lock = threading.Lock()
         self._metrics: list[Any] = []
         self._params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
         self._artifacts: list[tuple[str, str | None]] = []
         self._images: list[tuple[str, str, int]] = []
         self._wake = threading.Event()
@@ -118,6 +125,11 @@ class MlflowSink(MetricsSink):
         flat = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in flatten_params(params).items()}
         with self._lock:
             self._params.update(flat)
+        self._wake.set()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._tags.update({k: str(v)[:_MAX_PARAM_VALUE] for k, v in tags.items()})
         self._wake.set()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -170,7 +182,8 @@ class MlflowSink(MetricsSink):
     # -- background thread -------------------------------------------------------------------------------
     def _pending(self) -> int:
         with self._lock:
-            return len(self._metrics) + len(self._params) + len(self._artifacts) + len(self._images)
+            return (len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+                    + len(self._images))
 
     def _run(self) -> None:
         backoff = 0.0
@@ -198,10 +211,11 @@ class MlflowSink(MetricsSink):
                 return
 
     def _ship(self) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunTag
 
         with self._lock:
             params, self._params = self._params, {}
+            tags, self._tags = self._tags, {}
             metrics, self._metrics = self._metrics, []
             artifacts, self._artifacts = self._artifacts, []
             images, self._images = self._images, []
@@ -213,6 +227,10 @@ class MlflowSink(MetricsSink):
                 self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
                 for k, _ in chunk:
                     params.pop(k)
+            if tags:
+                self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())],
+                                       synchronous=True)
+                tags = {}
             while metrics:
                 chunk = metrics[:_MAX_METRICS_PER_BATCH]
                 self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
@@ -235,6 +253,7 @@ class MlflowSink(MetricsSink):
         finally:  # whatever was not shipped goes back in front of what arrived meanwhile
             with self._lock:
                 self._params = {**params, **self._params}
+                self._tags = {**tags, **self._tags}
                 self._metrics = metrics + self._metrics
                 self._artifacts = artifacts + self._artifacts
                 self._images = images + self._images

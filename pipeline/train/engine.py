@@ -21,6 +21,7 @@ __all__ = [
     "compute_dtype",
     "consolidate_fp32",
     "to_universal",
+    "load_universal",
     "full_parameters",
 ]
 
@@ -160,6 +161,37 @@ def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
         if name not in sd:
             sd[name] = t
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def load_universal(engine: Any, checkpoint_dir: str, tag: str) -> None:
+    """Loads checkpoint `<checkpoint_dir>/<tag>`, written by any number of ranks, into an engine built with
+    `load_universal=True` (another world size): converted to the universal format in a temporary folder, loaded,
+    removed.
+
+    Two repairs after DeepSpeed's ZeRO-3 universal load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`),
+    which (1) gives every optimizer parameter group the hyperparameters of the checkpoint's first group, which would
+    decay the no-decay group (biases, norms, embeddings): a hyperparameter that differs between the groups is put
+    back to what each group was built with; and (2) gives every sub-group's Adam state the same `step` tensor, which
+    torch's Adam increments in place once per sub-group, so the second group's bias correction ran a step ahead
+    (its weights then drift from an uninterrupted run's by ~8% of a step, tests/integration/test_elastic_resume.py):
+    each state gets its own copy."""
+    import shutil
+    import tempfile
+
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in torch_optimizer.param_groups]
+    per_group = {k for k in groups[0] if any(g.get(k) != groups[0][k] for g in groups)}
+    universal = tempfile.mkdtemp(prefix="vitpipe-universal-")
+    try:
+        engine.load_checkpoint(to_universal(checkpoint_dir, tag, universal), tag=tag)
+    finally:
+        shutil.rmtree(universal, ignore_errors=True)
+    for group, before in zip(torch_optimizer.param_groups, groups):
+        for k in per_group:
+            group[k] = before[k]
+    for state in torch_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def to_universal(checkpoint_dir: str, tag: str, out_dir: str) -> str:

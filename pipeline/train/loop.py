@@ -3,13 +3,14 @@ checkpoints. It reaches Ray only through the `report` callable it is given (pipe
 run only through a metrics sink built from `spec.run`, and tests and extensions only through `spec.hooks`.
 
 Every rank runs the same control flow: the same steps, evaluations, checkpoints and reports, and the same stop
-decision. A stop request (`should_stop`, e.g. a SIGTERM on any rank or on the job's driver) is all-reduced with
-the step's loss; when any rank asked, every rank finishes the step, writes one committed checkpoint at it and
-returns `{"stopped": True}`.
+decision. An interruption (`interrupt()` on any rank: "stop", e.g. a SIGTERM on the job's driver, or "pause", e.g. a
+preempted worker of an elastic group or a resize) is all-reduced with the step's loss; when any rank asked, every
+rank finishes the step, writes one committed checkpoint at it and returns `{"stopped": True, "interrupt": ...}`.
 
-A checkpoint written by another number of workers is resumed through DeepSpeed's universal checkpoint format (the
-weights and optimizer state re-partitioned for the new world size); the data loader then restarts the epoch that
-was in progress from its beginning with the new sharding (see pipeline.data.loader).
+Each step's global batch is the same samples whatever the world size (pipeline.data.epochs.ReaderPlan): a
+checkpoint written by another number of workers continues at the exact next sample, its weights and optimizer state
+re-partitioned through DeepSpeed's universal checkpoint format, with the gradient accumulation that keeps
+train.global_batch. Dropout is seeded per (step, rank): with model dropout > 0 only its masks depend on the world.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import logging
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+import zlib
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.data.loader import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
+from pipeline.data.loader import for_rank, merge_states
+from pipeline.data.streams import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
 from pipeline.tracking.console import progress_line, say
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
 from pipeline.train.spec import InitSpec, WorkerSpec
 
-__all__ = ["run_training", "run_evaluation", "compute_loss", "build_model_for"]
+__all__ = ["run_training", "run_evaluation", "compute_loss", "build_model_for", "batch_digest", "Interrupt"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,20 @@ log = logging.getLogger(__name__)
 # checkpoint_dir (a local folder holding this rank's committed checkpoint files): it copies the folder into the run's
 # storage, this rank's commit marker last (calling `before_marker` first), and removes it, now or in the background
 Report = Callable[..., None]
+# what a rank asks for at the end of a step: "stop" ends the run (a checkpoint first); "pause" commits a checkpoint
+# and hands the group back to its launcher (an elastic group continues on other workers); None trains on
+Interrupt = Literal["stop", "pause"] | None
 
 
-def _never() -> bool:
-    return False
+def _never() -> Interrupt:
+    return None
+
+
+def batch_digest(keys: list[str], aug: list[int]) -> int:
+    """A fingerprint of a set of samples and their augmentation: the sum of a 32-bit hash per (key, augmentation
+    seed). Sums of the ranks' digests are the global batch's, whatever its split (exact in float64 up to 2**21
+    samples): equal digests, the same samples augmented the same way."""
+    return sum(zlib.crc32(f"{k}:{a}".encode()) for k, a in zip(keys, aug))
 
 
 # -- losses ---------------------------------------------------------------------------------------------------
@@ -118,65 +131,62 @@ def _grad_norm(engine: Any) -> float | None:
     return float(g.item() if torch.is_tensor(g) else g)
 
 
-def _restored_state(restore_dir: str, rank: int, world_size: int) -> tuple[dict[str, Any], bool]:
-    """(this rank's training state, whether the checkpoint has another world size)."""
+def _restored_state(restore_dir: str, rank: int, world_size: int) -> tuple[dict[str, Any], int]:
+    """(this rank's training state, the checkpoint's world size). The loader state is every old rank's merged
+    (pipeline.data.loader.merge_states): each new rank takes its own readers' positions from it, at any world size."""
     from pipeline.train import checkpoint as ckpt
 
-    state = ckpt.read_train_state(restore_dir, 0)
-    old_world = int(state["world_size"])
-    if old_world == world_size:
-        return ckpt.read_train_state(restore_dir, rank), False
-    log.warning("checkpoint %s was written by %s workers, this run has %d: resuming through a universal "
-                "checkpoint; the data loader restarts the epoch in progress", restore_dir, old_world, world_size)
-    # rank 0's position (the loader sees the other world size and restarts that epoch), with every old rank's
-    # counters summed into new rank 0 (the others start at zero) so the run's totals stay right
-    states = [ckpt.read_train_state(restore_dir, r).get("loader") for r in range(old_world)]
-    if states[0] is not None:
-        loader = dict(states[0])
-        names = set().union(*((s or {}).get("counters", {}) for s in states))
-        loader["counters"] = {
-            k: sum(int((s or {}).get("counters", {}).get(k, 0)) for s in states) if rank == 0 else 0 for k in names
-        }
-        state["loader"] = loader
-    return state, True
+    first = ckpt.read_train_state(restore_dir, 0)
+    old_world = int(first["world_size"])
+    states = [first] + [ckpt.read_train_state(restore_dir, r) for r in range(1, old_world)]
+    state = dict(states[rank] if old_world == world_size else first)
+    merged = merge_states([s.get("loader") for s in states])
+    if merged is not None and merged.get("version") == 1:  # the world-dependent plan: continued at its step
+        merged["step"] = int(state["step"])
+    state["loader"] = None if merged is None else for_rank(merged, rank)
+    return state, old_world
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
 def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: str | None, report: Report,
-                 should_stop: Callable[[], bool] = _never) -> dict[str, Any]:
+                 interrupt: Callable[[], Interrupt] = _never) -> dict[str, Any]:
     """Trains `spec.config` on this rank. `restore_dir`: a complete training checkpoint to continue from.
     `report(metrics, checkpoint_dir_or_None, step, before_marker=...)` is called by every rank at the same steps
-    (see `Report`: it takes the checkpoint folder over). Returns the last
-    step's metrics with "step" and "stopped"."""
-    from pipeline.data.loader import build_loader
+    (see `Report`: it takes the checkpoint folder over). `interrupt()` is asked at every step (see `Interrupt`).
+    Returns the last step's metrics with "step", "stopped" and, when interrupted, "interrupt"."""
+    from pipeline.data.loader import build_train_loader
     from pipeline.data.transforms import to_model_input
     from pipeline.model.flops import forward_flops
     from pipeline.tracking.sinks import build_sink
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.ema import ParamEMA
-    from pipeline.train.engine import build_engine, compute_dtype, gradient_accumulation, to_universal
+    from pipeline.train.engine import build_engine, compute_dtype, gradient_accumulation, load_universal
     from pipeline.train.evaluate import Evaluator
     from pipeline.train.optim import param_groups
     from pipeline.train.throughput import mfu, peak_tflops
 
+    entered = time.perf_counter()
     cfg, tr, hooks = spec.config, spec.config.train, spec.hooks
     accum = gradient_accumulation(tr, world_size)
-    state, resharded = _restored_state(restore_dir, rank, world_size) if restore_dir else ({}, False)
+    state, old_world = _restored_state(restore_dir, rank, world_size) if restore_dir else ({}, world_size)
+    resharded = old_world != world_size
 
     model = build_model_for(cfg, spec.init, load_init=restore_dir is None)
     engine = build_engine(model, tr, world_size, param_groups(model, tr.optim.weight_decay), load_universal=resharded)
     device, dtype = engine.device, compute_dtype(tr.precision)
-    start_step = 0
+    start_step, restore_s = 0, 0.0
     if restore_dir is not None:
+        t = time.perf_counter()
         if resharded:
-            universal = tempfile.mkdtemp(prefix="vitpipe-universal-")
-            try:
-                engine.load_checkpoint(to_universal(restore_dir, state["tag"], universal), tag=state["tag"])
-            finally:
-                shutil.rmtree(universal, ignore_errors=True)
+            load_universal(engine, restore_dir, state["tag"])
         else:
             engine.load_checkpoint(restore_dir, tag=state["tag"])
+        restore_s = time.perf_counter() - t
         start_step = int(state["step"])
+        if resharded and rank == 0:
+            log.warning("resuming step %d on %d workers (checkpoint: %d): gradient accumulation %d -> %d, the data "
+                        "continues at the exact next sample", start_step, world_size, old_world,
+                        gradient_accumulation(tr, old_world), accum)
     ema = ParamEMA(engine.module, tr.ema_decay) if tr.ema_decay else None
     if ema is not None and restore_dir is not None and not ema.load(restore_dir):
         log.warning("checkpoint %s holds no weight average (train.ema_decay was 0 when it was written): the "
@@ -184,15 +194,22 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     info = LoopInfo(rank, world_size, start_step, engine, cfg)
     hooks.on_start(info)
 
-    train_loader = build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=tr.micro_batch, train=True,
-                                rank=rank, world_size=world_size, image_size=cfg.model.image_size,
-                                in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes,
-                                pin_memory=device.type == "cuda")
+    train_loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=tr.global_batch,
+                                      micro_batch=tr.micro_batch, rank=rank, world_size=world_size,
+                                      image_size=cfg.model.image_size, in_chans=cfg.model.in_chans,
+                                      num_classes=cfg.model.num_classes, pin_memory=device.type == "cuda")
     if state.get("loader") is not None:
-        train_loader.load_state_dict(state["loader"])
-    batches: Iterator[dict] = train_loader.infinite()
-    if cfg.data.synthetic:  # one real batch, again and again: the step without the input pipeline
-        batches = itertools.repeat(next(batches))
+        loader_state = state["loader"]
+        if loader_state.get("version") == 1 and rank == 0:
+            log.warning("checkpoint %s predates the elastic data plan: continuing at step %d with the new plan; the "
+                        "samples of its epoch in progress may repeat or be skipped once", restore_dir, start_step)
+        train_loader.load_state_dict(loader_state)
+        if train_loader.step != start_step and not cfg.data.synthetic:
+            raise RuntimeError(f"checkpoint {restore_dir}: the loader is at step {train_loader.step}, the training "
+                               f"state at step {start_step}")
+    steps: Iterator[list[dict]] = train_loader.steps()
+    if cfg.data.synthetic:  # one real step's batches, again and again: the step without the input pipeline
+        steps = itertools.repeat(next(steps))
 
     sink = build_sink(spec.run, rank)
     flops_per_image = 3 * forward_flops(cfg.model)
@@ -201,6 +218,9 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     evaluator = Evaluator(cfg, hooks, rank=rank, world_size=world_size, device=device, dtype=dtype, loss_fn=loss_fn,
                           sink=sink, final=spec.final_eval, ema=ema)
     last: dict[str, Any] = {"step": start_step, "stopped": False}
+    if rank == 0 and restore_dir is not None and resharded:  # an event the run's page shows, once per resize
+        sink.set_tags({f"scaling.resize.step{start_step:08d}": f"{old_world} -> {world_size} workers "
+                       f"(gradient accumulation {gradient_accumulation(tr, old_world)} -> {accum})"})
 
     def save(step: int, metrics: dict, stopped: bool) -> None:
         # metrics up to a checkpoint are as durable as the checkpoint (a restart resumes after it and would
@@ -230,12 +250,14 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
             torch.manual_seed(tr.seed * 1_000_003 + step * world_size + rank)  # dropout etc.: resume-exact
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             step_keys: list[str] = []
-            for _ in range(accum):
-                t = time.perf_counter()
-                batch = next(batches)
-                window_wait += time.perf_counter() - t
+            digest = 0
+            t = time.perf_counter()
+            micro_batches = next(steps)
+            window_wait += time.perf_counter() - t
+            for batch in micro_batches:
                 hooks.after_batch(info, step, batch["key"])
                 step_keys.extend(batch["key"])
+                digest += batch_digest(batch["key"], batch["aug"].tolist())
                 x = to_model_input(batch["image"], device, dtype, cfg.data.augment)
                 y = batch["label"].to(device=device, non_blocking=True)
                 loss = loss_fn(engine(x), y)
@@ -245,15 +267,20 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 loss_sum += loss.detach().double()
             if ema is not None:  # the optimizer stepped once (at the accumulation boundary)
                 ema.update()
-            # one collective per step carries the loss and every rank's stop vote
-            loss_total, stop_votes = all_reduce_sum([float(loss_sum) / accum, float(should_stop())], device)
+            # one collective per step carries the loss, the batch digest and every rank's interruption votes
+            asked = interrupt()
+            loss_total, digest_total, stops, pauses = all_reduce_sum(
+                [float(loss_sum) / accum, float(digest), float(asked == "stop"), float(asked == "pause")], device)
             loss_global = loss_total / world_size
             if not torch.isfinite(torch.tensor(loss_global)):
                 raise FloatingPointError(
                     f"non-finite training loss ({loss_global}) at step {step} of run {cfg.name!r}; "
                     "lower train.optim.lr, raise train.schedule.warmup_steps or use precision bf16/fp32"
                 )
-            stopping = stop_votes > 0 and step < tr.steps
+            interrupted: Interrupt = None
+            if step < tr.steps:
+                interrupted = "stop" if stops > 0 else "pause" if pauses > 0 else None
+            stopping = interrupted is not None
             window_steps += 1
             hooks.after_step(info, step, loss_global, step_keys)
 
@@ -267,6 +294,8 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                     "perf/images_per_s": ips,
                     "perf/step_time_s": dt / window_steps,
                     "perf/data_wait_fraction": min(1.0, window_wait / dt),
+                    "data/batch_digest": digest_total,
+                    "scaling/world_size": world_size,
                     **input_telemetry(train_loader, window_io, dt, device),
                 })
                 gn = _grad_norm(engine)
@@ -275,6 +304,9 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 m = mfu(flops_per_image, ips, peak, world_size)
                 if m is not None:
                     metrics["perf/mfu"] = m
+            if step == start_step + 1:  # where each attempt starts, on how many workers, and what starting cost
+                metrics.update({"scaling/world_size": world_size, "scaling/restore_s": restore_s,
+                                "scaling/startup_s": time.perf_counter() - entered})
             if not stopping:
                 metrics.update(evaluator.run(engine.module, step))
             if rank == 0 and "train/loss" in metrics:  # what a user following the job sees, once per interval
@@ -283,13 +315,15 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
                 sink.log_metrics(metrics, step)
             saved = step % tr.checkpoint_every == 0 or step == tr.steps or stopping
             if saved:
-                save(step, metrics, stopping)
+                save(step, metrics, interrupted == "stop")
             if metrics or saved:  # logging, evaluation and checkpoints stay out of the next throughput window
                 window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
                 window_io = train_loader.counters()
             last = {**metrics, "step": step, "stopped": stopping}
             if stopping:
-                log.warning("rank %d: stop requested; stopped after step %d with a committed checkpoint", rank, step)
+                last["interrupt"] = interrupted
+                log.warning("rank %d: %s requested; stopped after step %d with a committed checkpoint", rank,
+                            interrupted, step)
                 break
     finally:
         sink.close()

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.data.config import DataConfig, StorageConfig
+from pipeline.data.config import DataConfig, StorageConfig, resolve_readers
 from pipeline.launch.config import ScalingConfig
 from pipeline.tracking.config import TrackingConfig
 from pipeline.train.config import TrainConfig
@@ -110,4 +110,5 @@ class TransferRunConfig(BaseModel):
             raise ValueError("data.val (the downstream eval split) is required for a transfer job")
         if self.train.loss != "softmax":
             raise ValueError(f"transfer fine-tunes single-label heads: train.loss must be softmax, got {self.train.loss}")
+        self.data.virtual_readers = resolve_readers(self.data, self.train.global_batch)
         return self

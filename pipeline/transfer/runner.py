@@ -165,7 +165,7 @@ def _params(prep: PreparedTransfer) -> dict[str, Any]:
 def _per_rank_batches(cfg: TransferRunConfig) -> int | None:
     """`transfer.final_eval_batches` (over all ranks together) as batches per rank."""
     batches = cfg.transfer.final_eval_batches
-    return None if batches is None else -(-batches // cfg.scaling.num_workers)
+    return None if batches is None else -(-batches // cfg.scaling.max_workers)
 
 
 def final_eval_spec(cfg: TransferRunConfig, class_names: list[str] | None) -> FinalEval:

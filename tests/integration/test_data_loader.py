@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.data.config import DataConfig
-from pipeline.data.loader import build_loader
+from pipeline.data.loader import build_loader, build_train_loader
 from pipeline.data.shards import write_array_shards
 from pipeline.data.storage import get_filesystem, open_url
 
@@ -63,7 +63,7 @@ def test_round_trip_disjoint_complete_across_ranks_and_workers(store):
         b = batches[0]
         # uint8 until the device normalises it (pipeline.data.transforms.to_model_input)
         assert b["image"].shape == (4, 3, 12, 12) and b["image"].dtype == torch.uint8
-        assert b["label"].dtype == torch.int64 and set(b) == {"image", "label", "key", "valid", "index"}
+        assert b["label"].dtype == torch.int64 and set(b) == {"image", "label", "key", "valid", "index", "aug"}
         assert all(bool(bb["valid"].all()) for bb in batches)  # drop_last: no padding
         # `index`: the sample's position in the manifest (keys are its number here)
         assert all(int(k) == int(i) for bb in batches for k, i in zip(bb["key"], bb["index"]))
@@ -100,26 +100,66 @@ def test_an_evaluation_split_counts_every_sample_once(tmp_path, world, num_worke
     assert padded == len(runs) * len(runs[0][1]) * 4 - 37
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_exact_resume(store, num_workers):
+def _steps(url, storage, data, *, world: int, steps: int, start: dict | None = None, global_batch: int = 24,
+           micro_batch: int = 4, image_size: int = 12) -> tuple[list[dict[str, tuple]], list[dict]]:
+    """Every rank's TrainLoader at `world` for `steps` steps (from `start`, a merged state): per step, the sorted
+    (key, augmentation seed, pixel sum, valid) of its samples over all ranks; and each rank's state at the end."""
+    from pipeline.data.loader import for_rank
+
+    out: list[list[tuple]] = [[] for _ in range(steps)]
+    states = []
+    for rank in range(world):
+        loader = build_train_loader(url, data, storage, global_batch=global_batch, micro_batch=micro_batch,
+                                    image_size=image_size, rank=rank, world_size=world)
+        if start is not None:
+            loader.load_state_dict(for_rank(start, rank))
+        it = loader.steps()
+        for s in range(steps):
+            micro = next(it)
+            assert len(micro) == global_batch // (world * micro_batch)
+            for b in micro:
+                assert len(b["key"]) == micro_batch and b["image"].shape[0] == micro_batch
+                for k, a, img, v in zip(b["key"], b["aug"].tolist(), b["image"], b["valid"].tolist()):
+                    out[s].append((k, a, int(img.sum()), v))
+        states.append(loader.state_dict())
+    return [sorted(step) for step in out], states
+
+
+def test_each_steps_global_batch_is_the_same_at_any_world_size_and_worker_count(store):
+    """The samples of every step (keys), their augmentation seeds and the augmented pixels are the same for world
+    sizes 1, 2 and 3 and for 0, 1 and 2 DataLoader workers, over an epoch boundary (100 samples in shards of 13:
+    4 steps of 24 per epoch, 9 steps)."""
     base, storage = store
-    url = _write(base, storage, 80, 9)
-    data = _data(url, num_workers=num_workers, seed=5)
-    kw = dict(batch_size=4, image_size=12, rank=1, world_size=2)
-    full = build_loader(url, data, storage, **kw)
-    reference = [b for b in full] + [b for b in full]  # epochs 0 and 1
-    part = build_loader(url, data, storage, **kw)
-    it = iter(part)
-    first = [next(it) for _ in range(3)]
-    state = part.state_dict()
-    del it
-    resumed = build_loader(url, data, storage, **kw)
-    resumed.load_state_dict(state)
-    rest = list(resumed) + list(resumed)
-    got = first + rest
-    assert [b["key"] for b in got] == [b["key"] for b in reference]
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, reference))
-    assert [b["key"] for b in reference[: len(full)]] != [b["key"] for b in reference[len(full):]]
+    url = _write(base, storage, 100, 13)
+    data = lambda nw: _data(url, num_workers=nw, shuffle_buffer=5, virtual_readers=12, seed=3)  # noqa: E731
+    reference, _ = _steps(url, storage, data(0), world=1, steps=9)
+    assert all(len({key for key, *_ in step}) == 24 for step in reference)
+    assert reference[0] != reference[4]  # another epoch, another order
+    for world, workers in [(1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]:
+        got, _ = _steps(url, storage, data(workers), world=world, steps=9)
+        assert got == reference, (world, workers)
+    with pytest.raises(ValueError, match=r"4 workers cannot serve.*train.global_batch \(24\).*World sizes that work: "
+                                         r"1, 2, 3, 6"):
+        _steps(url, storage, data(0), world=4, steps=1)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (2, 3), (3, 2)])
+def test_resume_at_another_world_size_continues_at_the_exact_next_sample(store, first, then):
+    """Stopped after 6 steps on `first` ranks (an epoch and a half, bad samples skipped on the way), the merged
+    state continues on `then` ranks with the uninterrupted run's samples, augmentation and pixels."""
+    from pipeline.data.loader import merge_states
+
+    base, storage = store
+    url = _write(base, storage, 100, 13)
+    _corrupt(url, storage)
+    data = _data(url, num_workers=1, shuffle_buffer=5, virtual_readers=12, seed=5)
+    reference, _ = _steps(url, storage, data, world=1, steps=9)
+    part, states = _steps(url, storage, data, world=first, steps=6)
+    merged = merge_states(states)
+    assert merged["step"] == 6 and len(merged["positions"]) == 12
+    rest, _ = _steps(url, storage, data, world=then, steps=3, start=merged)
+    assert part + rest == reference
+    assert sum(c["bad_images"] + c["bad_labels"] for c in (s["counters"] for s in states)) >= 1
 
 
 def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_exactly(tmp_path):
@@ -128,7 +168,7 @@ def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_e
     the workers gives, bit for bit, training crops included; resume is exact; a JPEG whose body is broken is zeros,
     masked and counted. On a machine without CUDA the setting itself is refused, naming it."""
     from pipeline.data.config import StorageConfig
-    from pipeline.data.loader import StreamingLoader
+    from pipeline.data.loader import SplitLoader, TrainLoader, merge_states
     from pipeline.data.manifest import load_dataset_spec
 
     storage = StorageConfig()
@@ -136,29 +176,37 @@ def test_decoding_per_batch_on_the_device_gives_the_workers_images_and_resumes_e
     for fmt in ("jpg", "png"):
         url = write_array_shards(rgb, np.arange(48) % 10, str(tmp_path / fmt), samples_per_shard=7,
                                  image_format=fmt)
-        data, m = _data(url, seed=3), load_dataset_spec(url, storage)
+        data, m = _data(url, seed=3, virtual_readers=4), load_dataset_spec(url, storage)
         for train in (True, False):
             kw = dict(batch_size=4, image_size=12, rank=0, world_size=2, train=train)
-            workers = list(StreamingLoader(m, data, storage, **kw))
-            on_device = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
+            workers = list(SplitLoader(m, data, storage, **kw))
+            on_device = SplitLoader(m, data, storage, batch_decode_device="cpu", **kw)
             got = list(on_device)
             assert [b["key"] for b in got] == [b["key"] for b in workers] and len(got) == 6
             assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, workers)), (fmt, train)
             assert all(bool(b["valid"].all()) for b in got) and on_device.counters()["bad_images"] == 0
-        part = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
-        it = iter(part)
-        first = [next(it) for _ in range(2)]
-        state = part.state_dict()
-        del it
-        resumed = StreamingLoader(m, data, storage, batch_decode_device="cpu", **kw)
-        resumed.load_state_dict(state)
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first + list(resumed), workers))
+        # training steps: decoded in the workers, or on the device and resumed after 2 steps on another world size
+        kw = dict(global_batch=8, micro_batch=4, image_size=12)
+        it = TrainLoader(m, data, storage, **kw).steps()
+        reference = [b for _ in range(5) for b in next(it)]
+        parts = [TrainLoader(m, data, storage, batch_decode_device="cpu", rank=r, world_size=2, **kw)
+                 for r in range(2)]
+        firsts = [[next(it) for _ in range(2)] for it in (p.steps() for p in parts)]
+        resumed = TrainLoader(m, data, storage, batch_decode_device="cpu", **kw)
+        resumed.load_state_dict(merge_states([p.state_dict() for p in parts]))
+        it = resumed.steps()
+        got = [b for s in range(2) for r in range(2) for b in firsts[r][s]] + [b for _ in range(3) for b in next(it)]
+        assert sorted(k for b in got[:4] for k in b["key"]) == sorted(k for b in reference[:4] for k in b["key"])
+        assert [b["key"] for b in got[4:]] == [b["key"] for b in reference[4:]]
+        by_key = lambda batches: {k: img for b in batches for k, img in zip(b["key"], b["image"])}  # noqa: E731
+        want = by_key(reference)
+        assert all(torch.equal(img, want[k]) for k, img in by_key(got).items()), fmt
     # a JPEG with a valid header and a broken body passes the workers' check and fails on the device
     folder = str(tmp_path / "jpg")
     _edit_members(f"{folder}/train-000000.tar", storage, {"00000002.jpg": lambda body: body[:200] + bytes(300)})
     url = f"{folder}/manifest.json"
-    broken = StreamingLoader(load_dataset_spec(url, storage), _data(url, seed=3), storage,
-                             batch_decode_device="cpu", batch_size=4, image_size=12, world_size=1, train=False)
+    broken = SplitLoader(load_dataset_spec(url, storage), _data(url, seed=3), storage,
+                         batch_decode_device="cpu", batch_size=4, image_size=12, world_size=1, train=False)
     batches = list(broken)
     masked = [(k, bool(v)) for b in batches for k, v in zip(b["key"], b["valid"]) if k == "00000002"]
     assert masked == [("00000002", False)] and broken.counters()["bad_images"] == 1
@@ -283,21 +331,20 @@ def test_plain_webdataset_reads_our_shards(store):
     assert len(samples) == 20 and samples[3][1] == 3 and samples[0][0].size == (16, 16)
 
 
-def test_infinite_starts_each_epochs_workers_early_and_yields_the_same_stream(store):
-    """`infinite()` forks the next epoch's workers while the current epoch's last batches are consumed; the
-    batches are exactly those of iterating epoch by epoch."""
+def test_training_steps_start_each_epochs_workers_early(store):
+    """`steps()` forks the next epoch's workers while the current epoch's last steps are consumed; the steps are
+    those of a loader without DataLoader workers."""
     base, storage = store
     url = _write(base, storage, 48, 8)
-    data = _data(url, num_workers=2)
-    by_epoch = build_loader(url, data, storage, batch_size=4, image_size=16)
-    expected = [b["key"] for _ in range(3) for b in by_epoch]
-    loader = build_loader(url, data, storage, batch_size=4, image_size=16)
-    stream = loader.infinite()
+    kw = dict(global_batch=8, micro_batch=4, image_size=16)
+    expected, _ = _steps(url, storage, _data(url, num_workers=0, virtual_readers=4), world=1, steps=15, **kw)
+    loader = build_train_loader(url, _data(url, num_workers=2, virtual_readers=4), storage, **kw)
+    stream = loader.steps()
     got, prestarted_at = [], None
-    for _ in range(len(expected)):
-        got.append(next(stream)["key"])
+    for s in range(15):
+        got.append({k: a for b in next(stream) for k, a in zip(b["key"], b["aug"].tolist())})
         if prestarted_at is None and loader._prestarted is not None:
-            prestarted_at = len(got)
-    assert got == expected
-    # started before the first epoch ended, while its last prefetched batches were still to be handed out
-    assert prestarted_at is not None and prestarted_at < len(loader), (prestarted_at, len(loader))
+            prestarted_at = s + 1
+    assert [sorted(step.items()) for step in got] == [sorted((k, a) for k, a, *_ in step) for step in expected]
+    # started before the first epoch (6 steps) ended, while its last prefetched steps were still to be handed out
+    assert prestarted_at is not None and prestarted_at < loader.steps_per_epoch, prestarted_at

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.data.config import DataConfig
 from pipeline.data.dedup import EXCLUDE_NAME, HASH_KIND
-from pipeline.data.loader import build_loader
+from pipeline.data.loader import build_train_loader
 from pipeline.data.shards import write_array_shards, write_shards
 from pipeline.data.sources import Source, SourceItem, png_bytes, read_idx
 from pipeline.data.storage import get_filesystem
@@ -222,16 +222,19 @@ def test_dedup_finds_every_planted_near_duplicate_and_no_other_image(serial_run,
     assert doc["num_excluded"] == len(expected)
 
 
-def test_the_loader_skips_excluded_samples_with_equal_batches_per_rank(serial_run, pretrain, data, storage):
+def test_the_training_loader_skips_excluded_samples_with_equal_steps_per_rank(serial_run, pretrain, data, storage):
     assert serial_run[0] == 0
     excluded = {e["key"] for e in _read_json(pretrain.rsplit("/", 1)[0] + "/" + EXCLUDE_NAME, storage)["excluded"]}
     assert len(excluded) == len(VARIANTS) * N_PLANTED
     everything = {it.key for it in data[2]}
-    dc = DataConfig(train=pretrain, num_workers=2, shuffle_buffer=16, seed=1)
-    loaders = [build_loader(pretrain, dc, storage, batch_size=4, image_size=16, rank=r, world_size=2)
-               for r in range(2)]
-    batches = [list(loader) for loader in loaders]
-    assert [len(b) for b in batches] == [len(loaders[0])] * 2 == [50, 50]  # excluded samples are refilled
+    dc = DataConfig(train=pretrain, num_workers=2, shuffle_buffer=16, seed=1, virtual_readers=8)
+    loaders = [build_train_loader(pretrain, dc, storage, global_batch=8, micro_batch=4, image_size=16, rank=r,
+                                  world_size=2) for r in range(2)]
+    assert [loader.steps_per_epoch for loader in loaders] == [50, 50]
+    batches = []
+    for loader in loaders:  # one epoch: each rank's 50 steps of one micro-batch (excluded samples are refilled)
+        steps = loader.steps()
+        batches.append([b for _ in range(loader.steps_per_epoch) for b in next(steps)])
     keys = [k for run in batches for b in run for k in b["key"]]
     assert not set(keys) & excluded
     assert set(keys) == everything - excluded and len(keys) == 400  # every other sample, the gap filled by repeats
@@ -240,7 +243,7 @@ def test_the_loader_skips_excluded_samples_with_equal_batches_per_rank(serial_ru
     assert all(c["skipped_samples"] == 0 and c["bad_images"] == 0 for c in counters)
     assert loaders[0].state_dict()["exclusions_checksum"] == loaders[0].exclusions.sha256
     print(f"\n[dedup] loader: {len(excluded)} excluded, counters {[c['excluded_samples'] for c in counters]}, "
-          f"{len(batches[0])} batches on each rank")
+          f"{len(batches[0])} micro-batches on each rank")
 
 
 def test_a_missing_test_manifest_is_one_line_naming_it_before_any_scan(pretrain, test_sets, bucket, s3_server,

@@ -57,7 +57,7 @@ def _cfg(shards, tmp_path, *over):
     ])
 
 
-def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_stop=None, hooks=None):
+def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, interrupt=None, hooks=None):
     """Runs the loop; every reported checkpoint must be complete; the last one is copied to `keep_dir`."""
     import shutil
 
@@ -80,7 +80,7 @@ def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, should_sto
     spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(sink=cfg.tracking.sink), init=init,
                       **({"hooks": hooks} if hooks is not None else {}))
     last = run_training(spec, rank=0, world_size=1, restore_dir=restore_dir, report=report,
-                        **({"should_stop": should_stop} if should_stop else {}))
+                        **({"interrupt": interrupt} if interrupt else {}))
     return last, reports
 
 
@@ -149,12 +149,12 @@ def test_stop_request_checkpoints_the_current_step(process_group, shards, tmp_pa
     cfg = _cfg(shards, tmp_path, "train.steps=5", "train.checkpoint_every=4")
     calls = []
 
-    def should_stop() -> bool:
+    def interrupt():
         calls.append(1)
-        return len(calls) >= 2
+        return "stop" if len(calls) >= 2 else None
 
-    last, reports = _train(cfg, keep_dir=tmp_path / "kept", should_stop=should_stop)
-    assert last["stopped"] is True and last["step"] == 2 and reports == [2]
+    last, reports = _train(cfg, keep_dir=tmp_path / "kept", interrupt=interrupt)
+    assert last["stopped"] is True and last["interrupt"] == "stop" and last["step"] == 2 and reports == [2]
     state = read_train_state(tmp_path / "kept" / "step2", 0)
     assert state["step"] == 2 and state["config"] == cfg.model_dump(mode="json")
     # a run restored at its last step has nothing left to train (fit then exports that checkpoint)
@@ -218,8 +218,8 @@ def test_final_export_is_the_same_model_for_every_zero_stage(process_group, shar
 
 def test_synthetic_data_trains_every_step_on_the_first_real_batch(process_group, shards, tmp_path):
     """data.synthetic (the memory-fed reference of benchmarks/data_wait.py): the loop runs as usual, every step on
-    the first micro-batch the loader gave, which is the real loader's first batch."""
-    from pipeline.data.loader import build_loader
+    the micro-batches of the loader's first step."""
+    from pipeline.data.loader import build_train_loader
     from tests.fixtures.faults import read_record
     from tests.fixtures.hooks import FaultHooks
 
@@ -227,6 +227,8 @@ def test_synthetic_data_trains_every_step_on_the_first_real_batch(process_group,
     record = tmp_path / "record"
     last, reports = _train(cfg, hooks=FaultHooks(record=str(record)))
     steps = [e for e in read_record(record, 0) if e["event"] == "step"]
-    first = next(iter(build_loader(cfg.data.train, cfg.data, cfg.storage, batch_size=16, image_size=16)))["key"]
+    loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=cfg.train.global_batch,
+                                micro_batch=cfg.train.micro_batch, image_size=16)
+    first = [k for batch in next(loader.steps()) for k in batch["key"]]
     assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["keys"] == first for e in steps)
     assert last["step"] == 4 and reports == [4] and last["perf/store_mb_per_s"] == 0.0

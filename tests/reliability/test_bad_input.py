@@ -48,8 +48,11 @@ CASES = [
     Case("negative-batch", pretrain("train.global_batch=-4"), [r"--set: train\.global_batch", r"greater than 0",
                                                                r"got -4"]),
     Case("batch-not-divisible", pretrain("train.global_batch=48", "train.micro_batch=16"),
-         [r"train\.global_batch \(48\) is not divisible by train\.micro_batch \(16\) x 2 workers",
-          r"choose scaling\.num_workers"]),
+         [r"scaling\.num_workers=2: 2 workers cannot serve the training plan: train\.global_batch \(48\) is not a "
+          r"multiple of train\.micro_batch \(16\) x 2", r"World sizes that work: 1, 3"]),
+    Case("elastic-range-not-served", pretrain("scaling.num_workers=[2,4]", "data.virtual_readers=12"),
+         [r"scaling\.num_workers=\[2, 4\]: the group may train on any of 2\.\.\.4 workers, but 3, 4 cannot serve the "
+          r"training plan .*world sizes that work: 1, 2"]),
     Case("unknown-key", pretrain("train.optim.lrr=0.1"), [r"train\.optim\.lrr: unknown key", r"config schema"]),
     Case("missing-section", ["pretrain", "{cfg_no_train}"], [r"cfg_no_train\.yaml: train: required field is missing"]),
     Case("invalid-yaml", ["pretrain", "{cfg_bad_yaml}"], [r"bad\.yaml: not valid YAML"]),

@@ -88,7 +88,7 @@ def test_object_storage_faults_are_retried_counted_and_nothing_is_skipped(servic
     # nothing skipped silently either: every step trained on exactly the uninterrupted loader's samples
     for rank in (0, 1):
         steps = effective_steps(read_record(services_run["record"], rank))
-        ref = reference_keys(direct, rank=rank, world_size=2, batches=STEPS)  # (the proxy is gone by now)
+        ref = reference_keys(direct, rank=rank, world_size=2, steps=STEPS)  # (the proxy is gone by now)
         assert [steps[s]["keys"] for s in range(1, STEPS + 1)] == ref, rank
     # checkpoints went through the proxy too: committed in storage, final model exported
     keys = {o["Key"] for o in fault_buckets.list_objects_v2(Bucket="faults-runs", Prefix="runs/services/")["Contents"]}

@@ -15,10 +15,8 @@ the same loss: the re-run after a restore reproduces the uninterrupted trajector
 
 World-size change (2 -> 1), the guarantee: the run continues from the checkpoint's step with the same weights and
 the same optimizer state (DeepSpeed universal checkpoint: ZeRO shards of any world size re-partitioned; Adam
-moments and step counts kept), in the same MLflow run. The data position is kept per epoch, not per sample: the
-new world size starts the epoch that was in progress from its beginning with the new sharding (a checkpoint taken
-at the end of an epoch continues with the next epoch). Here the step-8 checkpoint ends epoch 1, so the 1-worker
-run's steps 9-10 read exactly the first batches of epoch 2 of a 1-worker loader.
+moments and step counts kept), in the same MLflow run, and at the exact next sample: the 1-worker run's steps 9-10
+train the samples the 2 workers would have trained (pipeline.data.epochs.ReaderPlan), in 2 micro-batches each.
 """
 
 from __future__ import annotations
@@ -103,7 +101,7 @@ def test_killed_run_finishes_with_uninterrupted_data_and_one_mlflow_run(killed_r
     for rank in (0, 1):
         steps = effective_steps(read_record(killed_run["record"], rank))
         assert sorted(steps) == list(range(1, STEPS + 1))
-        ref = reference_keys(cfg, rank=rank, world_size=2, batches=STEPS)
+        ref = reference_keys(cfg, rank=rank, world_size=2, steps=STEPS)
         for step in range(1, STEPS + 1):
             assert steps[step]["keys"] == ref[step - 1], (rank, step)
         survived[f"rank {rank} keys = uninterrupted"] = f"steps 1-{STEPS}"
@@ -151,16 +149,17 @@ def test_resume_on_one_worker_through_universal_checkpoint(killed_run, fault_ray
         assert after[moment] > 0
         assert math.isclose(after[moment], before[0][moment] + before[1][moment], rel_tol=1e-6), moment
     assert after["adam_steps"] == [float(STEPS)] and after["global_steps"] == STEPS
-    # data: the step-8 checkpoint ended epoch 1; one worker (2 micro-batches per step) reads epoch 2 from its start
-    ref = reference_keys(one, rank=0, world_size=1, batches=4, epoch=2)
+    # data: one worker (2 micro-batches per step) trains the samples both workers would have trained
+    ref = reference_keys(one, rank=0, world_size=1, steps=2, first=STEPS + 1)
+    pair = [reference_keys(cfg, rank=r, world_size=2, steps=2, first=STEPS + 1) for r in (0, 1)]
     steps = effective_steps(events)
-    assert steps[STEPS + 1]["keys"] == ref[0] + ref[1]
-    assert steps[STEPS + 2]["keys"] == ref[2] + ref[3]
+    for i, step in enumerate((STEPS + 1, STEPS + 2)):
+        assert steps[step]["keys"] == ref[i] and sorted(ref[i]) == sorted(pair[0][i] + pair[1][i]), step
     losses = history(mlflow_server.url, result.run_id)
     assert sorted(losses) == list(range(1, STEPS + 3))
     assert [len(losses[s]) for s in (STEPS + 1, STEPS + 2)] == [1, 1]  # the new steps appended once
     assert losses[STEPS + 1][-1] < losses[1][0] - 0.1, losses  # continues a trained model, not a fresh one
     report("resume 2 workers -> 1 (universal checkpoint)", {"world size": "2 -> 1", "from checkpoint": STEPS},
            {"weights |sum|": after["weights"], "adam moments = sum of 2 partitions": True,
-            "adam step": after["adam_steps"], "data": "epoch 2 from its start (1-worker sharding)",
+            "adam step": after["adam_steps"], "data": "steps 9-10: the 2-worker run's samples",
             "final step": result.step, "same mlflow run": True}, tmp_path)

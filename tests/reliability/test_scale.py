@@ -1,7 +1,7 @@
 """Scale by simulation: the paper's compute from `vitpipe plan`, a JFT-sized manifest (30,000 shards, 300M
-samples) planned across 512 ranks x 8 workers within bounds of time and memory, per-worker state that does not
-grow with the manifest, and flat loader memory over a long streaming run. Bound checks, not benchmarks (the
-figures themselves: benchmarks/scale.py)."""
+samples) planned for 512 ranks (1,536 virtual readers, 8 DataLoader workers asked) within bounds of time and memory,
+per-worker state that does not grow with the manifest, and flat loader memory over a long streaming run. Bound
+checks, not benchmarks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from pipeline.cli import main
 
 JFT_IMAGES = 303_000_000
-RANKS, WORKERS, BATCH = 512, 8, 64
+RANKS, WORKERS, READERS, GLOBAL, MICRO = 512, 8, 1536, 4096, 8
 
 
 # --- the paper's compute, through the CLI -----------------------------------------------------------------------
@@ -55,26 +55,31 @@ def _write_manifest(path, num_shards: int, samples_per_shard: int) -> str:
 
 def _rank_loader(manifest, rank: int):
     from pipeline.data.config import DataConfig, StorageConfig
-    from pipeline.data.loader import StreamingLoader
+    from pipeline.data.loader import TrainLoader
 
-    data = DataConfig(train=manifest.url, num_workers=WORKERS)
-    return StreamingLoader(manifest, data, StorageConfig(), batch_size=BATCH, image_size=224, rank=rank,
-                           world_size=RANKS)
+    data = DataConfig(train=manifest.url, num_workers=WORKERS, virtual_readers=READERS)
+    return TrainLoader(manifest, data, StorageConfig(), global_batch=GLOBAL, micro_batch=MICRO, image_size=224,
+                       rank=rank, world_size=RANKS)
 
 
 def _plan_rank(url: str, rank: int):
-    """What a rank does at the start of an epoch: read the manifest, build its loader, plan its 8 workers."""
+    """What a rank does at the start of an epoch: read the manifest, build its loader, plan its readers' runs."""
     from pipeline.data.manifest import load_dataset_spec
 
     manifest = load_dataset_spec(url)
     loader = _rank_loader(manifest, rank)
-    segments = [loader.plan.segments(0, 0, rank, w) for w in range(WORKERS)]
+    segments = loader.plan.segments(0, 0, loader.readers)
     return manifest, loader, segments
+
+
+def _producer(loader):
+    """What one epoch hands to this rank's DataLoader workers."""
+    return loader._epoch_producer(0, 0, [0] * len(loader.readers))
 
 
 def _worker_state_bytes(loader) -> int:
     """Bytes of what one epoch hands to this rank's DataLoader workers (pickled, as a spawned worker gets it)."""
-    return len(pickle.dumps(loader._dataset()))
+    return len(pickle.dumps(_producer(loader)))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def jft_manifests(tmp_path_factory):
     return {n: _write_manifest(root / f"manifest-{n}.json", n, 10_000) for n in (3_000, 30_000)}
 
 
-def test_jft_manifest_plans_across_512_ranks_x_8_workers_quickly_and_small(jft_manifests):
+def test_jft_manifest_plans_across_512_ranks_quickly_and_small(jft_manifests):
     url = jft_manifests[30_000]
     _plan_rank(url, 0)  # warm imports
     t0 = time.perf_counter()
@@ -101,46 +106,43 @@ def test_jft_manifest_plans_across_512_ranks_x_8_workers_quickly_and_small(jft_m
     assert elapsed < 1.0, f"planning one rank took {elapsed:.2f} s"
     assert peak < 200 * 2**20, f"planning one rank peaked at {peak / 2**20:.0f} MiB"
 
-    # the split itself: every slot reads exactly its share, the same number of batches on every rank, and the
-    # slots of several ranks (first, neighbours, middle, last) never read the same sample twice
-    per_slot = loader.plan.samples_per_slot
-    assert loader.plan.batches_per_slot == 300_000_000 // (RANKS * WORKERS * BATCH)
-    assert len(loader) == loader.plan.batches_per_slot * WORKERS
+    # the split itself: 3 readers per rank (so 3 DataLoader workers, not 8), each reading exactly its run, every
+    # rank a 1/512 share of every step; the readers of several ranks (first, neighbours, middle, last) never read
+    # the same sample twice
+    assert loader.readers == [411, 412, 413] and loader.workers == 3 and loader.accumulation == 1
+    assert loader.steps_per_epoch == 300_000_000 // GLOBAL
     taken: dict[int, list[tuple[int, int]]] = {}
     for rank in (0, 1, 137, 256, 511):
         other = _rank_loader(manifest, rank)
-        assert len(other) == len(loader)
-        for w in range(WORKERS):
-            segs = other.plan.segments(0, 0, rank, w)
-            assert sum(take for _, _, take in segs) == per_slot
+        assert sum(other.plan.take(v) for v in other.readers) == GLOBAL // RANKS
+        for v, segs in zip(other.readers, other.plan.segments(0, 0, other.readers)):
+            assert sum(take for _, _, take in segs) == other.plan.run_length(v)
             for shard, skip, take in segs:
                 taken.setdefault(shard, []).append((skip, skip + take))
     for shard, runs in taken.items():
         runs.sort()
         assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:])), f"shard {shard} read twice: {runs}"
-    assert [take for _, _, take in segments[0]] == [take for _, _, take in
-                                                    _rank_loader(manifest, 137).plan.segments(0, 0, 137, 0)]
 
 
 def test_worker_state_does_not_grow_with_the_manifest(jft_manifests):
-    """Per-worker state is O(own shards): 10x the shards (same 512 x 8 slots) may add the few extra shard runs
-    each slot now spans, never the manifest."""
+    """Per-worker state is O(own shards): 10x the shards (same readers) may add the few extra shard runs each
+    reader now spans, never the manifest."""
     from pipeline.data.manifest import load_dataset_spec
 
     figures = {}
     for n, url in sorted(jft_manifests.items()):
         manifest = load_dataset_spec(url)
         loader = _rank_loader(manifest, 3)
-        own = loader._dataset()
+        own = _producer(loader)
         tracemalloc.start()
         try:
-            loader.plan.segments(0, 0, 3, 5)
+            loader.plan.segments(0, 0, loader.readers)
             plan_peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         figures[n] = {
             "state": _worker_state_bytes(loader), "own_shards": len(own.shards),
-            "own_runs": sum(len(s) for s in own.segments), "manifest_urls": len(pickle.dumps(manifest.shards)),
+            "own_runs": sum(len(st.segments) for st in own.streams), "manifest_urls": len(pickle.dumps(manifest.shards)),
             "plan_peak": plan_peak,
         }
     small, big = figures[3_000], figures[30_000]
@@ -148,7 +150,7 @@ def test_worker_state_does_not_grow_with_the_manifest(jft_manifests):
           f"at 30k ({big['own_runs']} runs); manifest URL list {big['manifest_urls'] / 2**20:.1f} MiB; transient "
           f"plan peak {small['plan_peak'] / 1024:.0f} / {big['plan_peak'] / 1024:.0f} KiB")
     assert big["state"] < big["manifest_urls"] / 10, figures
-    # the growth is explained by the extra runs the slots span (a URL and a tuple each), not by the 27k more shards
+    # the growth is explained by the extra runs the readers span (a URL and a tuple each), not by 27k more shards
     extra = big["own_shards"] - small["own_shards"]
     assert big["state"] - small["state"] <= 200 * extra + 2048, figures
 
@@ -166,36 +168,37 @@ def tiny_shards(tmp_path_factory):
 
 def _loader(url: str, num_workers: int):
     from pipeline.data.config import DataConfig, StorageConfig
-    from pipeline.data.loader import build_loader
+    from pipeline.data.loader import build_train_loader
 
-    data = DataConfig(train=url, num_workers=num_workers, shuffle_buffer=16, prefetch_factor=2)
-    return build_loader(url, data, StorageConfig(), batch_size=8, image_size=16, in_chans=3, train=True)
+    data = DataConfig(train=url, num_workers=num_workers, shuffle_buffer=4, prefetch_factor=2, virtual_readers=4)
+    return build_train_loader(url, data, StorageConfig(), global_batch=8, micro_batch=4, image_size=16, in_chans=3)
 
 
 def test_worker_memory_is_flat_over_30_epochs(tiny_shards):
-    """num_workers=1: the DataLoader worker's unique memory (USS) late in every epoch and this process's RSS at
-    every epoch boundary stay flat over 30 epochs of 6 shards."""
+    """num_workers=1 (one worker serving the 4 readers): the DataLoader worker's unique memory (USS) early in every
+    epoch and this process's RSS at every epoch boundary stay flat over 30 epochs of 6 shards."""
     loader = _loader(tiny_shards, 1)
     me = psutil.Process()
     epochs, worker_uss, main_rss, pids = 30, [], [], set()
     others = {p.pid for p in me.children()}  # e.g. a session's mlflow server
+    steps = loader.steps()
     for epoch in range(epochs):
-        n = 0
-        for i, batch in enumerate(loader):
-            n += 1
-            if i == len(loader) - 2:
+        for i in range(loader.steps_per_epoch):
+            micro = next(steps)
+            assert len(micro) == 2
+            if i == 1:  # the epoch's workers only (the next epoch's start near its end)
                 kids = [k for k in me.children() if k.pid not in others]
                 assert len(kids) == 1, kids
                 pids.add(kids[0].pid)
                 worker_uss.append(kids[0].memory_full_info().uss)
-        assert n == len(loader) == 6
         main_rss.append(me.memory_info().rss)
-    assert loader.epoch == epochs and loader.counters()["skipped_samples"] == 0
+    assert loader.steps_per_epoch == 6 and loader.epoch == epochs and loader.counters()["skipped_samples"] == 0
     mib = 2**20
     base_w, base_m = statistics.median(worker_uss[2:6]), statistics.median(main_rss[2:6])
     print(f"\nworker USS {worker_uss[1] / mib:.1f} -> {worker_uss[-1] / mib:.1f} MiB (max {max(worker_uss) / mib:.1f}),"
           f" main RSS {main_rss[1] / mib:.1f} -> {main_rss[-1] / mib:.1f} MiB over {epochs} epochs, "
           f"{len(pids)} worker processes")
+    assert len(pids) == epochs  # one worker process per epoch, each gone with its epoch
     assert max(worker_uss[6:]) - base_w < 16 * mib, [round(u / mib, 1) for u in worker_uss]
     assert max(main_rss[6:]) - base_m < 24 * mib, [round(r / mib, 1) for r in main_rss]
 
@@ -203,14 +206,15 @@ def test_worker_memory_is_flat_over_30_epochs(tiny_shards):
 def test_in_process_loader_memory_is_flat_over_30_epochs(tiny_shards):
     """num_workers=0 under tracemalloc: what Python holds at each epoch boundary does not grow."""
     loader = _loader(tiny_shards, 0)
-    for _ in loader:  # first epoch: caches, lazy imports, the filesystem
-        pass
+    steps = loader.steps()
+    for _ in range(loader.steps_per_epoch):  # first epoch: caches, lazy imports, the filesystem
+        next(steps)
     tracemalloc.start()
     try:
         held = []
         for _ in range(30):
-            for _ in loader:
-                pass
+            for _ in range(loader.steps_per_epoch):
+                next(steps)
             gc.collect()  # reference cycles freed late make a sawtooth, not growth
             held.append(tracemalloc.get_traced_memory()[0])
     finally:

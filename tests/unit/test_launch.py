@@ -117,6 +117,17 @@ def test_what_a_resume_may_change(caplog):
                       "--resume: scaling.num_workers changed 2 -> 1": "INFO",
                       "--resume: train.optim.lr changed 0.003 -> 0.0001": "WARNING",
                       "--resume: train.steps changed 20 -> 40": "INFO"}
+    for key, value in (("data.virtual_readers", 16), ("train.global_batch", 128), ("data.seed", 1)):
+        other = load_config(SMOKE, [f"{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"--resume: checkpoint s3://b/runs/smoke/checkpoint_00000010 was "
+                                              rf"trained with another order of the samples \({key}: "):
+            _check_resume(saved, other, "s3://b/runs/smoke/checkpoint_00000010")
+    legacy = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "virtual_readers"}}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.pretrain"):
+        _check_resume(legacy, load_config(SMOKE, ["train.global_batch=128"]), "s3://b/runs/old/checkpoint_00000010")
+    assert any("predates the elastic data plan: it continues at its step with 48 virtual readers" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     wider = load_config(SMOKE, ["model.name=vit_nano4"])
     with pytest.raises(ConfigError, match=r"--resume: checkpoint s3://b/runs/smoke/checkpoint_00000010 holds "
                                           r"another model \(model\.name: 'vit_pico4' -> 'vit_nano4'\)"):

@@ -153,3 +153,12 @@ def test_recipe_carries_its_run_command_and_smoke_variant(rel: str) -> None:
     assert any("vitpipe " in ln and f"configs/{rel}" in ln for ln in header), f"{rel}: no run command in a comment"
     smoke = [m for ln in header for m in re.findall(r"configs/\S+smoke\.yaml", ln)]
     assert smoke == [f"configs/{folder}/smoke.yaml"], f"{rel}: the header must name its smoke variant"
+
+
+@pytest.mark.parametrize("rel", [r.path for r in PRETRAIN + TRANSFER] + SMOKE, ids=str)
+def test_recipe_world_size_serves_its_training_plan(rel: str) -> None:
+    """What `vitpipe submit` checks before anything leaves the machine: the recipe's scaling.num_workers divides its
+    virtual readers and its global batch over micro-batches (pipeline.data.epochs.ReaderPlan)."""
+    from pipeline.launch.config import check_world_sizes
+
+    check_world_sizes(_load(rel))
