@@ -2,8 +2,8 @@
 
   (1) decode + train augmentation in a tight loop over JPEG bytes already in memory: 1 process (the per-core
       limit), or W processes side by side for W workers (the W-core limit; processes, as the loader's workers are)
-  (2) our StreamingLoader over local shards, W DataLoader workers
-  (3) our StreamingLoader over the moto S3 server (its own `moto_server` process on 127.0.0.1), W workers
+  (2) our training loader (TrainLoader) over local shards, W DataLoader workers
+  (3) our training loader over the moto S3 server (its own `moto_server` process on 127.0.0.1), W workers
 Targets: (2)/(1) >= 0.9 and (3)/(2) >= 0.97, for W = 1 and W = 2.
 
 Each round runs (1), (2), (3) in a rotated order (round r starts with the r-th), for W = 1 then W = 2; the figures
@@ -65,19 +65,21 @@ def loader_rate(url: str, storage, size: int, batch: int, epochs: int, workers: 
     """Steady-state samples/s over `epochs` epochs (each epoch counted from its first batch), the mean time to an
     epoch's first batch, and the workers' production time per sample."""
     from pipeline.data.config import DataConfig
-    from pipeline.data.loader import build_loader
+    from pipeline.data.loader import build_train_loader
 
-    loader = build_loader(url, DataConfig(train=url, num_workers=workers, shuffle_buffer=256), storage,
-                          batch_size=batch, image_size=size)
+    loader = build_train_loader(url, DataConfig(train=url, num_workers=workers, shuffle_buffer=256), storage,
+                                global_batch=batch, micro_batch=batch, image_size=size)
+    steps = loader.steps()
     n, busy, starts = 0, 0.0, []
     for _ in range(epochs):
         t_start, t0 = time.perf_counter(), None
-        for b in loader:
+        for _ in range(loader.steps_per_epoch):
+            step = next(steps)
             if t0 is None:
                 t0 = time.perf_counter()
                 starts.append(t0 - t_start)
                 continue
-            n += len(b["key"])
+            n += sum(len(b["key"]) for b in step)
         busy += time.perf_counter() - t0
     c = loader.counters()
     return {"rate": n / busy, "start_s": float(np.mean(starts)), "busy_ms": c["busy_ms"] / c["samples"],

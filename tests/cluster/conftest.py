@@ -27,7 +27,7 @@ HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
 
 
 @pytest.fixture(scope="package")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, shm_comm_op):
     reason = multinode_available()
     if reason:
         pytest.skip(reason)
