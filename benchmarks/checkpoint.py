@@ -2,9 +2,9 @@
 
 A ViT-S/16 DeepSpeed ZeRO-2 engine (bf16 mixed precision, AdamW, one CPU rank on gloo) after one optimizer step:
   ours  save:    the loop's save (DeepSpeed's files + training state + commit marker with every file's sha256,
-                 hashed as the bytes stream out) to a local folder, then `upload_checkpoint` (the marker last) to the
+                 hashed as the bytes stream out) to a local folder, then `RunStore.upload` (the marker last) to the
                  moto S3 server (its own `moto_server` process on 127.0.0.1)
-        restore: `fetch_intact` (markers read, sizes checked from one listing, files downloaded, sha256 verified)
+        restore: `RunStore.fetch_intact` (markers read, sizes checked from one listing, files downloaded, sha256 verified)
                  + `engine.load_checkpoint`
   raw   s3fs `put` of the same local folder / s3fs `get` of it, nothing else
 Target: raw time / our time >= 0.8 for save + restore. Printed beside: the part of our save the training loop
@@ -65,9 +65,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from pipeline.data.config import StorageConfig
-    from pipeline.data.storage import get_filesystem
-    from pipeline.train.checkpoint import (checkpoint_dir_name, fetch_intact, read_train_state, save_train_checkpoint,
-                                           upload_checkpoint)
+    from pipeline.data.storage import Storage, get_filesystem
+    from pipeline.train.checkpoint import read_train_state, save_train_checkpoint
+    from pipeline.train.runstore import RunStore
 
     tmp = Path(tempfile.mkdtemp(prefix="vitpipe-bench-ckpt-"))
     with moto_server() as (_, endpoint):
@@ -85,10 +85,11 @@ def main() -> None:
             t0 = time.perf_counter()
             save_train_checkpoint(engine, local, step=1, rank=0, world_size=1, loader_state=None, run_id=None)
             t1 = time.perf_counter()
-            nbytes = upload_checkpoint(local, f"{run_url}/{checkpoint_dir_name(1)}", storage)
+            store = RunStore(run_url, Storage(storage))
+            nbytes = store.upload(local, 1)
             t2 = time.perf_counter()
             shutil.rmtree(local)
-            with fetch_intact(run_url, storage) as found:
+            with store.fetch_intact() as found:
                 t3 = time.perf_counter()
                 _, restored = found
                 engine.load_checkpoint(restored, tag=read_train_state(restored, 0)["tag"])

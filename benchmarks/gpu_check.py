@@ -123,7 +123,8 @@ def check_worker(t: Table, args, workdir: Path, urls: dict) -> None:
 
     from pipeline.launch.local import fit_local
     from pipeline.model.checkpoint import load_model
-    from pipeline.train.checkpoint import find_latest_complete, step_of
+    from pipeline.train.checkpoint import step_of
+    from pipeline.train.runstore import RunStore
 
     first = _run_cfg(args, workdir, urls, "gpu-check", args.worker_steps)
     r1 = fit_local(first, world_size=1)
@@ -131,7 +132,7 @@ def check_worker(t: Table, args, workdir: Path, urls: dict) -> None:
     t.add("b worker", "images/s (last window)", r1.metrics.get("perf/images_per_s", float("nan")))
     t.add("b worker", "data wait fraction", r1.metrics.get("perf/data_wait_fraction", float("nan")))
     t.add("b worker", "train/loss at the end", r1.metrics.get("train/loss", float("nan")))
-    t.add("b worker", "committed checkpoint", f"step {step_of(find_latest_complete(r1.run_url) or '')}")
+    t.add("b worker", "committed checkpoint", f"step {step_of(RunStore(r1.run_url).latest() or '')}")
     more = args.worker_steps + 8
     r2 = fit_local(_run_cfg(args, workdir, urls, "gpu-check", more), world_size=1)  # the same run folder
     if r2.step != more:
@@ -149,7 +150,6 @@ def check_worker(t: Table, args, workdir: Path, urls: dict) -> None:
 
 def check_eval(t: Table, args, workdir: Path, urls: dict) -> None:
     from pipeline.launch.local import run_rank
-    from pipeline.train.checkpoint import fetch_checkpoint  # noqa: F401 - the export is a local folder here
     from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
     cfg = _run_cfg(args, workdir, urls, "gpu-check-eval", 1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, config_hash
-from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_exists, run_url
+from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_store
 from pipeline.tracking.run import RunStopped, TrackedRun, flatten_params
 from pipeline.train.hooks import TrainHooks
 
@@ -88,17 +88,17 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
     RunStopped after a committed checkpoint, the run ending KILLED. `hooks`: see pipeline.train.hooks."""
     from pipeline.data.manifest import load_dataset_spec
     from pipeline.tracking.registry import code_version, lineage_tags
-    from pipeline.train.checkpoint import fetch_checkpoint, latest_state
     from pipeline.train.engine import deepspeed_config
 
     preflight(cfg)
     connect_ray(address or cfg.scaling.address)
     check_cluster(cfg)
-    url = run_url(cfg)
-    previous = latest_state(url, cfg.storage) if resume else None
+    store = run_store(cfg)
+    url = store.url
+    previous = store.latest_state() if resume else None
     if previous is not None:
         _check_resume(previous[1].get("config"), cfg, previous[0])
-    elif run_exists(url, cfg.storage):
+    elif store.exists():
         if not resume:
             raise ConfigError(f"run {cfg.name!r} already exists at {url}; pass --resume to continue it, or choose "
                               "another name (--set name=...)")
@@ -116,7 +116,7 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
             raise RunStopped(cfg.name, result.step, result.checkpoint, result.reason or "stop requested")
         run.log_metrics({"final/step": result.step}, result.step)
         registered = None
-        with fetch_checkpoint(result.final_checkpoint, cfg.storage) as final:
+        with store.storage.fetch_dir(result.final_checkpoint) as final:
             if cfg.tracking.registered_model:
                 registered = run.register(
                     final, name=cfg.tracking.registered_model, alias=cfg.tracking.register_alias,

@@ -9,6 +9,7 @@ client in `__getstate__`, so DataLoader and Ray workers each build their own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -18,10 +19,11 @@ import os
 import queue
 import random
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.utils import get_protocol
@@ -30,6 +32,7 @@ from pipeline.data.config import StorageConfig
 
 __all__ = [
     "Storage",
+    "is_local",
     "RetryingReader",
     "get_filesystem",
     "open_url",
@@ -423,25 +426,126 @@ def parent_url(url: str) -> str:
 
 
 class Storage:
-    """A picklable handle on storage: carries the config, builds the filesystem lazily in the process that uses it,
-    and drops it when pickled (the pattern of mosaicml/streaming's S3Downloader)."""
+    """A picklable handle on storage: carries the config, builds its filesystem lazily in the process that uses it
+    (the pattern of mosaicml/streaming's S3Downloader: a DataLoader or Ray worker builds its own client), and is what
+    the loader, manifests, run stores and stop signals are given. Reads go through `open_url` (a body cut off
+    half-way is read again from the byte it reached, counted as a retry)."""
 
     def __init__(self, config: StorageConfig | None = None):
         self.config = config or StorageConfig()
-        self._pid: int | None = None
 
-    def filesystem(self, url: str) -> tuple[Any, str]:
-        return get_filesystem(url, self.config)
-
-    def open(self, url: str, mode: str = "rb"):
-        return open_url(url, mode, self.config)
+    def __repr__(self) -> str:
+        return f"Storage({self.config.endpoint_url or 'default endpoint'})"
 
     def __getstate__(self) -> dict:
         return {"config": self.config.model_dump(mode="json")}
 
     def __setstate__(self, state: dict) -> None:
         self.config = StorageConfig.model_validate(state["config"])
-        self._pid = None
+
+    # -- objects -------------------------------------------------------------------------------------------------
+    def filesystem(self, url: str) -> tuple[Any, str]:
+        return get_filesystem(url, self.config)
+
+    def open(self, url: str, mode: str = "rb"):
+        return open_url(url, mode, self.config)
+
+    def read_bytes(self, url: str) -> bytes:
+        """A small object's bytes (a marker, a state file, a manifest)."""
+        with open_url(url, "rb", self.config) as f:
+            return f.read()
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        fs, path = self.filesystem(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
+    def download(self, url: str, local_path: str | Path) -> None:
+        download(url, local_path, self.config)
+
+    def put_file(self, local_path: str | Path, url: str) -> None:
+        fs, path = self.filesystem(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(local_path), path)
+
+    def remove(self, url: str) -> None:
+        """Deletes an object or a folder and everything under it; a missing one is fine."""
+        fs, path = self.filesystem(url)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    # -- folders -------------------------------------------------------------------------------------------------
+    def forget(self, url: str) -> None:
+        """Drops what this process's filesystem cached about `url` and the folders under it. s3fs keeps what a
+        listing returned (ETags included) and a later listing does not replace it, so an object rewritten since
+        this process listed it would be opened with a stale ETag and never read."""
+        fs, root = self.filesystem(url)
+        root = root.rstrip("/")
+        cache = getattr(fs, "dircache", None)
+        if cache is not None:
+            for key in [k for k in list(cache) if k == root or k.startswith(root + "/")]:
+                cache.pop(key, None)
+        fs.invalidate_cache(root)
+
+    def names(self, url: str) -> list[str]:
+        """The names directly in a folder, listed now; [] when it does not exist."""
+        self.forget(url)
+        fs, path = self.filesystem(url)
+        try:
+            return [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def sizes(self, url: str) -> dict[str, int]:
+        """{path relative to the folder: size} of every object under a folder, from one listing."""
+        self.forget(url)
+        fs, root = self.filesystem(url)
+        root = root.rstrip("/")
+        return {key[len(root) + 1:]: int(info["size"]) for key, info in fs.find(root, detail=True).items()}
+
+    @contextlib.contextmanager
+    def fetch_dir(self, url: str) -> Iterator[str]:
+        """A local directory holding the folder at `url`: a local path is used in place; an object-store folder is
+        downloaded (file by file, each body read again where it was cut off) to a temporary directory removed on
+        exit."""
+        if is_local(url):
+            path = url.removeprefix("file://")
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"folder not found: {url}")
+            yield path
+            return
+        files = self.sizes(url)
+        if not files:
+            raise FileNotFoundError(f"folder not found in storage: {url}")
+        tmp = tempfile.mkdtemp(prefix="vitpipe-fetch-")
+        try:
+            for rel in files:
+                self.download(url_join(url, rel), Path(tmp) / rel)
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def put_dir(self, local_dir: str | Path, url: str, *, last: Callable[[str], bool] = lambda name: False,
+                before_last: Callable[[], None] | None = None) -> int:
+        """Copies a local folder (recursively) to `url`, the files whose name `last(name)` holds after every other
+        one (a commit marker: the folder counts once they are there); `before_last` runs between the two. Returns
+        the bytes copied."""
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        first = [p for p in files if not last(p.name)]
+        done = 0
+        for i, path in enumerate(first + [p for p in files if last(p.name)]):
+            if i == len(first) and before_last is not None:
+                before_last()
+            self.put_file(path, url_join(url, path.relative_to(local_dir).as_posix()))
+            done += path.stat().st_size
+        return done
+
+
+def is_local(url: str) -> bool:
+    """A path on this machine's disk (a plain path or file://), not an object-store URL."""
+    return "://" not in url or url.startswith("file://")
 
 
 def wds_opener(url: str, mode: str = "rb", bufsize: int = 8192, *, storage: StorageConfig | None = None, **_: Any):

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,12 +23,13 @@ from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
 from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
 from pipeline.tracking.run import RunRef
-from pipeline.train.checkpoint import latest_state
+from pipeline.data.storage import Storage
+from pipeline.train.runstore import RunStore
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
 __all__ = [
-    "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_exists", "ray_storage", "preflight",
+    "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_store", "ray_storage", "preflight",
     "check_cluster", "worker_env", "build_trainer", "fit", "finish_fit", "evaluate",
 ]
 
@@ -89,14 +89,9 @@ def run_url(cfg: RunConfig) -> str:
     return base.rstrip("/") + "/" + cfg.name
 
 
-def run_exists(url: str, storage: StorageConfig) -> bool:
-    from pipeline.data.storage import get_filesystem
-
-    fs, path = get_filesystem(url, storage)
-    try:
-        return bool(fs.exists(path) and fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return False
+def run_store(cfg: RunConfig) -> RunStore:
+    """The run's folder in storage: its checkpoints, its final model (pipeline.train.runstore)."""
+    return RunStore(run_url(cfg), Storage(cfg.storage))
 
 
 def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
@@ -202,25 +197,6 @@ def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
     )
 
 
-def _export_final(cfg: RunConfig, checkpoint: str, url: str) -> str:
-    """Consolidates the committed ZeRO checkpoint at `checkpoint` into the model format at `<url>/final`, after
-    checking its files against their commit markers (a damaged one is never exported: it is the final step's)."""
-    from pipeline.train.checkpoint import (DamagedCheckpointError, export_final, fetch_checkpoint, read_train_state,
-                                           upload_dir, verify_checkpoint)
-
-    final_url = url + "/final"
-    with fetch_checkpoint(checkpoint, cfg.storage) as local, tempfile.TemporaryDirectory(prefix="vitpipe-final-") as tmp:
-        damaged = verify_checkpoint(local)
-        if damaged:
-            raise DamagedCheckpointError(f"final checkpoint {checkpoint} is damaged ({'; '.join(damaged)}): resume "
-                                         f"the run, which retrains from its newest intact checkpoint and rewrites it")
-        state = read_train_state(local, 0)
-        export_final(local, state["model"], tmp, extra={"name": cfg.name, "run_url": url})
-        upload_dir(tmp, final_url, cfg.storage)
-    log.info("final model (step %s) saved to %s", state["step"], final_url)
-    return final_url
-
-
 def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = None, hooks: TrainHooks | None = None,
         final_eval: FinalEval | None = None, address: str | None = None) -> FitResult:
     """Trains `cfg` on the Ray cluster (`address` / scaling.address / $RAY_ADDRESS, else a local Ray) and
@@ -245,7 +221,8 @@ def finish_fit(cfg: RunConfig, url: str, metrics: dict[str, Any], stop_reason: s
     """The FitResult of a run whose ranks returned `metrics`, and its final export when training completed."""
     # the committed checkpoints in storage are the authority (as for restores): a run resumed after it had
     # finished training (its export was interrupted, say) reports nothing new, and its last checkpoint is final
-    latest = latest_state(url, cfg.storage)
+    store = RunStore(url, Storage(cfg.storage))
+    latest = store.latest_state()
     step = int(latest[1]["step"]) if latest else 0
     out = FitResult(cfg.name, url, step, latest[0] if latest else None, None, metrics=metrics)
     if metrics.get("stopped"):
@@ -254,7 +231,7 @@ def finish_fit(cfg: RunConfig, url: str, metrics: dict[str, Any], stop_reason: s
     if step != cfg.train.steps:
         raise RuntimeError(f"run {cfg.name!r}: training ended at step {step} of {cfg.train.steps} without a final "
                            f"checkpoint (aborted?)")
-    out.final_checkpoint = _export_final(cfg, out.checkpoint, url)
+    out.final_checkpoint = store.export_final(out.checkpoint, extra={"name": cfg.name})
     return out
 
 
@@ -269,9 +246,7 @@ def evaluate(cfg: RunConfig, *, init: InitSpec, final_eval: FinalEval | None = N
     spec = WorkerSpec(config=cfg, run_url=run_url(cfg), run=run or RunRef(), init=init, final_eval=final_eval,
                       fewshot_eval=fewshot, evaluate_only=True)
     build_trainer(cfg, functools.partial(eval_worker, spec)).fit()
-    from pipeline.data.storage import get_filesystem
-
-    fs, path = get_filesystem(f"{spec.run_url}/{EVALUATION_FILE}", cfg.storage)
-    fs.invalidate_cache(path.rsplit("/", 1)[0])
-    metrics = json.loads(fs.cat_file(path))
+    store = spec.store
+    store.storage.forget(store.url)
+    metrics = json.loads(store.storage.read_bytes(f"{store.url}/{EVALUATION_FILE}"))
     return {k: v for k, v in metrics.items() if k.startswith(("final/", "fewshot/", "probe/"))}

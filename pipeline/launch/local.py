@@ -26,7 +26,7 @@ from pipeline.launch.stop import install_worker_handler, termination_requested, 
 from pipeline.tracking.run import RunRef
 from pipeline.launch.driver import FitResult, finish_fit
 from pipeline.launch.driver import run_url as default_run_url
-from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, fetch_intact, upload_checkpoint
+from pipeline.train.checkpoint import every_rank
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.loop import run_evaluation, run_training
 from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
@@ -46,8 +46,7 @@ def storage_report(spec: WorkerSpec) -> Callable[..., None]:
         if checkpoint_dir is None:
             return
         try:
-            upload_checkpoint(checkpoint_dir, f"{spec.run_url.rstrip('/')}/{checkpoint_dir_name(step)}",
-                              spec.config.storage, before_marker=before_marker)
+            spec.store.upload(checkpoint_dir, step, before_marker=before_marker)
         finally:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -58,8 +57,8 @@ def storage_report(spec: WorkerSpec) -> Callable[..., None]:
 def restore_from_storage(spec: WorkerSpec) -> Iterator[str | None]:
     """A local copy of the run's newest committed checkpoint whose files match their commit markers (a damaged
     one is skipped for the previous one, with a warning), or None for a fresh start. Every rank calls this; they
-    agree on the checkpoint (pipeline.train.checkpoint.fetch_intact)."""
-    with fetch_intact(spec.run_url, spec.config.storage, agree=every_rank) as found:
+    agree on the checkpoint (RunStore.fetch_intact)."""
+    with spec.store.fetch_intact(agree=every_rank) as found:
         yield found[1] if found is not None else None
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from pipeline.launch.elastic import CommitRequest, wait_to_be_replaced
 from pipeline.launch.stop import StopSignal, termination_requested, training_active
-from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, upload_checkpoint
+from pipeline.train.checkpoint import checkpoint_dir_name, every_rank, step_of
 from pipeline.train.loop import Interrupt, run_evaluation, run_training
 from pipeline.train.spec import WorkerSpec
 
@@ -30,15 +30,15 @@ log = logging.getLogger(__name__)
 class CheckpointReporter:
     """The loop's `report` under Ray Train: `ray.train.report` with the checkpoint uploaded in the background
     (`CheckpointUploadMode.ASYNC`: training goes on while it uploads; Ray registers it once every rank's upload is
-    done, and raises an upload's error in the training thread), by `upload_checkpoint` (this rank's commit marker
-    last, through pipeline.data.storage's retrying, counted client) into Ray's checkpoint folder. At most one
+    done, and raises an upload's error in the training thread), by the run's store (`RunStore.upload`: this rank's
+    commit marker last) into Ray's checkpoint folder. At most one
     upload in flight: a report waits for this rank's previous upload to finish first. The local folder is removed
     once uploaded."""
 
     def __init__(self, spec: WorkerSpec):
         import ray.train
 
-        self._spec = spec
+        self._store = spec.store
         storage = ray.train.get_context().get_storage()
         self._fs, self._root = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
         self._idle = threading.Event()
@@ -57,8 +57,7 @@ class CheckpointReporter:
 
         def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
             try:
-                upload_checkpoint(checkpoint.path, f"{self._spec.run_url.rstrip('/')}/{dir_name}",
-                                  self._spec.config.storage, before_marker=before_marker)
+                self._store.upload(checkpoint.path, step, before_marker=before_marker)
                 return ray.train.Checkpoint(path=f"{self._root}/{dir_name}", filesystem=self._fs)
             finally:
                 self._idle.set()
@@ -84,15 +83,13 @@ def restore_point(spec: WorkerSpec) -> Iterator[str | None]:
     registered: a group that dies right after a report can lose that registration although the checkpoint is
     committed, and a registered one can be uncommitted). Ray's checkpoints live in the same run folder, so the
     newest committed checkpoint whose files match their markers is the restore point; a damaged one is skipped
-    for the previous one with a warning (pipeline.train.checkpoint.fetch_intact). Every rank calls this and all
-    of them agree on the same checkpoint."""
+    for the previous one with a warning (RunStore.fetch_intact). Every rank calls this and all of them agree on the
+    same checkpoint."""
     import ray.train
-
-    from pipeline.train.checkpoint import every_rank, fetch_intact, step_of
 
     restored = ray.train.get_checkpoint()
     ray_step = step_of(restored.path) if restored is not None else -1
-    with fetch_intact(spec.run_url, spec.config.storage, agree=every_rank) as found:
+    with spec.store.fetch_intact(agree=every_rank) as found:
         if found is None:
             if restored is not None:
                 raise ValueError(f"checkpoint {restored.path} is incomplete and storage holds no committed one")
@@ -154,15 +151,12 @@ def eval_worker(spec: WorkerSpec) -> None:
 
     import ray.train
 
-    from pipeline.data.storage import get_filesystem
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
 
     def report(metrics: dict, checkpoint_dir: str | None, step: int) -> None:
         if rank == 0:
-            fs, path = get_filesystem(f"{spec.run_url.rstrip('/')}/{EVALUATION_FILE}", spec.config.storage)
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            fs.pipe_file(path, json.dumps(metrics).encode())
+            store = spec.store
+            store.storage.write_bytes(f"{store.url}/{EVALUATION_FILE}", json.dumps(metrics).encode())
 
     run_evaluation(spec, rank=rank, world_size=ctx.get_world_size(), report=report)

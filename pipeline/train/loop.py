@@ -81,14 +81,14 @@ def build_model_for(cfg: RunConfig, init: InitSpec | None = None, *, load_init: 
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
     from pipeline.model.weights import check_state_dict
-    from pipeline.train.checkpoint import fetch_checkpoint
+    from pipeline.data.storage import Storage
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     if init is None:
         return model
     if load_init:
-        with fetch_checkpoint(init.checkpoint, cfg.storage) as local:
+        with Storage(cfg.storage).fetch_dir(init.checkpoint) as local:
             sd, _, _ = load_checkpoint(local)
         try:
             check_state_dict(sd, cfg.model)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import RunConfig
+from pipeline.data.storage import Storage
 from pipeline.tracking.run import RunRef
 from pipeline.train.hooks import TrainHooks
+from pipeline.train.runstore import RunStore
 
 __all__ = ["InitSpec", "FinalEval", "FewshotEval", "WorkerSpec"]
 
@@ -60,6 +62,11 @@ class WorkerSpec(BaseModel):
     final_eval: FinalEval | None = Field(None, description="evaluate data.val once training ends")
     fewshot_eval: FewshotEval | None = Field(None, description="few-shot evaluation (evaluation-only jobs)")
     evaluate_only: bool = Field(False, description="no training: evaluate `init` with final_eval / fewshot_eval")
+
+    @property
+    def store(self) -> RunStore:
+        """The run's checkpoints in storage (built where it is used: only the URL and the storage config travel)."""
+        return RunStore(self.run_url, Storage(self.config.storage))
 
     @model_validator(mode="after")
     def _evaluation_only_needs_weights(self) -> "WorkerSpec":

@@ -187,10 +187,9 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
     tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
-    from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_exists, run_url
+    from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
     from pipeline.tracking.registry import lineage_tags
     from pipeline.tracking.run import RunStopped, TrackedRun
-    from pipeline.train.checkpoint import fetch_checkpoint, remove_dir, upload_dir
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)
@@ -201,15 +200,14 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
         preflight(train_cfg)
         connect_ray(address or cfg.scaling.address)
         check_cluster(train_cfg)
-        url = run_url(train_cfg)
-        if run_exists(url, cfg.storage):
-            raise ConfigError(f"run {cfg.name!r} already exists at {url}; choose another name (--set name=...)")
+        store = run_store(train_cfg)
+        if store.exists():
+            raise ConfigError(f"run {cfg.name!r} already exists at {store.url}; choose another name (--set name=...)")
         final_dir, registered, artifacts = None, None, []
         with TrackedRun.open(cfg.tracking, cfg.name, tags=prep.source_tags) as run:
             run.log_params(_params(prep))
-            init_url = url + "/init"
-            upload_dir(prep.init_dir, init_url, cfg.storage)
-            init = InitSpec(checkpoint=init_url, freeze_backbone=cfg.transfer.mode == "linear_probe")
+            init = InitSpec(checkpoint=store.put_model(prep.init_dir, "init"),
+                            freeze_backbone=cfg.transfer.mode == "linear_probe")
             try:
                 if finetune:
                     names = getattr(prep.val_manifest, "class_names", None)
@@ -221,7 +219,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
                                           test_batches=_per_rank_batches(cfg), probe=cfg.transfer.fewshot_probe)
                     metrics = evaluate(train_cfg, fewshot=fewshot, init=init, run=run.ref, address=address)
             finally:
-                remove_dir(init_url, cfg.storage)
+                store.remove("init")
             if finetune:
                 if trained.stopped:
                     raise RunStopped(cfg.name, trained.step, trained.checkpoint, trained.reason or "stop requested")
@@ -231,7 +229,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
                                                             "confusion_matrix")]
                 artifacts.append("eval/confusion_matrix.json")
                 final_dir = workdir / "final"
-                with fetch_checkpoint(trained.final_checkpoint, cfg.storage) as local:
+                with store.storage.fetch_dir(trained.final_checkpoint) as local:
                     shutil.copytree(local, final_dir, dirs_exist_ok=True)
             if final_dir is not None and cfg.tracking.registered_model:
                 tags = lineage_tags(

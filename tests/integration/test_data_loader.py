@@ -297,7 +297,7 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
     import os
 
     from pipeline.data.storage import get_filesystem, io_counters
-    from pipeline.train.checkpoint import fetch_checkpoint
+    from pipeline.data.storage import Storage
     from tests.fixtures.s3 import make_storage_config
 
     url = f"s3://{s3_bucket}/runs/r1/checkpoint_00000004"
@@ -308,7 +308,7 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
         fs.pipe_file(f"{root}/{name}", data)
     proxy = faulty_proxy(reset_fraction=0.5, seed=1)
     before = io_counters()["retries"]
-    with fetch_checkpoint(url, make_storage_config(proxy.url)) as local:
+    with Storage(make_storage_config(proxy.url)).fetch_dir(url) as local:
         got = {str(p.relative_to(local)): p.read_bytes() for p in Path(local).rglob("*") if p.is_file()}
     assert got == files
     # (a cut-off listing is retried by botocore, a cut-off body by the reader: both counted)

@@ -132,7 +132,7 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.train.checkpoint import fetch_checkpoint
+    from pipeline.data.storage import Storage
 
     cfg, result, records = zero2
     for rank in (0, 1):  # what the Ray workers' engines ran
@@ -148,7 +148,7 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
         assert {d + "COMMITTED.rank0", d + "COMMITTED.rank1", d + "train_state.rank1.json"} <= set(keys)
         assert any(k.startswith(d + f"step{step:08d}/") and "optim_states" in k for k in keys)
     assert result.final_checkpoint == "s3://pretrain-runs/runs/zero2/final"
-    with fetch_checkpoint(result.final_checkpoint, cfg.storage) as local:
+    with Storage(cfg.storage).fetch_dir(result.final_checkpoint) as local:
         sd, model_cfg, extra = load_checkpoint(local)
     assert model_cfg == cfg.model and extra["step"] == STEPS and extra["run_id"] == result.run_id
     # MLflow: params (flattened config), metrics, few-shot, the DeepSpeed config and the final model

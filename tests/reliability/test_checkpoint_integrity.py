@@ -67,10 +67,10 @@ def config(train_url, s3_server):
 
 
 def _final(result, storage):
+    from pipeline.data.storage import Storage
     from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.train.checkpoint import fetch_checkpoint
 
-    with fetch_checkpoint(result.final_checkpoint, storage) as local:
+    with Storage(storage).fetch_dir(result.final_checkpoint) as local:
         return load_checkpoint(local)[0]
 
 
@@ -127,7 +127,7 @@ def _resume_after_damage(ranks2, config, s3, reference, tmp_path, caplog, name: 
     damage(s3, f"{run}/{TAG6}/{damaged}")
     # what a rank's restore does, in this process (the ranks' logs stay in their processes): warn, fall back
     spec = WorkerSpec(config=cfg, run_url=f"s3://{BUCKET}/{run}")
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"), restore_from_storage(spec) as local:
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.runstore"), restore_from_storage(spec) as local:
         assert read_train_state(local, 0)["step"] == 4
     warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
     assert f"s3://{BUCKET}/{run}/checkpoint_00000006 is damaged" in warning, warning
@@ -229,7 +229,7 @@ def test_every_committed_checkpoint_damaged_fails_with_one_clear_line(ranks2, co
         ranks2.fit(cfg)
     text = str(e.value)
     assert "central directory" not in text and "PytorchStreamReader" not in text, text
-    lines = [line for line in text.splitlines() if line.startswith("pipeline.train.checkpoint.DamagedCheckpointError")]
+    lines = [line for line in text.splitlines() if line.startswith("pipeline.train.runstore.DamagedCheckpointError")]
     assert len(lines) == 1, text  # the first failing rank's traceback (the group reports one)
     line = lines[0]
     assert f"run folder s3://{BUCKET}/{run}: no committed checkpoint is intact" in line, line

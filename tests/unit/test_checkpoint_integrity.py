@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.runstore import DamagedCheckpointError, RunStore
 
 
 class TorchCheckpointEngine:  # the name DeepSpeed's plain writer has: its saves are streamed through the hash
@@ -160,35 +161,35 @@ def test_markers_without_digests_are_accepted(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="pipeline.train.checkpoint"):
         assert ckpt.verify_checkpoint(d) == []
     assert "record no file digests" in caplog.text
-    with ckpt.fetch_intact(str(tmp_path)) as found:
+    with RunStore(str(tmp_path)).fetch_intact() as found:
         assert found == (str(d), str(d))
 
 
 def test_fetch_intact_falls_back_past_damaged_checkpoints_with_a_warning(tmp_path, caplog):
     run = _run(tmp_path)
-    with ckpt.fetch_intact(run) as found:
+    with RunStore(run).fetch_intact() as found:
         assert found == (f"{run}/checkpoint_00000006",) * 2
     _shard(tmp_path / "checkpoint_00000006", 6).write_bytes(b"short")
     _flip(tmp_path / "checkpoint_00000004" / "train_state.rank0.json", at=3)
     (tmp_path / "checkpoint_00000008").mkdir()  # uncommitted: ignored as before
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
-        with ckpt.fetch_intact(run) as (url, local):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.runstore"):
+        with RunStore(run).fetch_intact() as (url, local):
             assert url == local == f"{run}/checkpoint_00000002"
             assert ckpt.read_train_state(local, 1)["step"] == 2
     warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warned) == 2, warned
     assert "checkpoint_00000006" in warned[0] and "step00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt" in warned[0]
     assert "checkpoint_00000004" in warned[1] and "train_state.rank0.json differs" in warned[1]
-    assert ckpt.find_latest_complete(run) == f"{run}/checkpoint_00000006"  # the listing itself is unchanged
-    assert ckpt.committed_checkpoints(run) == [f"{run}/checkpoint_0000000{s}" for s in (6, 4, 2)]
+    assert RunStore(run).latest() == f"{run}/checkpoint_00000006"  # the listing itself is unchanged
+    assert list(RunStore(run).committed()) == [f"{run}/checkpoint_0000000{s}" for s in (6, 4, 2)]
 
 
 def test_fetch_intact_fails_with_one_line_when_none_is_intact(tmp_path):
     run = _run(tmp_path, steps=(2, 4))
     _shard(tmp_path / "checkpoint_00000004", 4).write_bytes(b"")
     _flip(_shard(tmp_path / "checkpoint_00000002", 2, rank=0))
-    with pytest.raises(ckpt.DamagedCheckpointError) as e:
-        with ckpt.fetch_intact(run):
+    with pytest.raises(DamagedCheckpointError) as e:
+        with RunStore(run).fetch_intact():
             pytest.fail("nothing is intact")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"run folder {run}: no committed checkpoint is intact"), msg
@@ -198,7 +199,7 @@ def test_fetch_intact_fails_with_one_line_when_none_is_intact(tmp_path):
 
 def test_fetch_intact_follows_the_ranks_vote_and_handles_an_empty_run(tmp_path):
     """Another rank's copy damaged: every rank moves on to the previous checkpoint together."""
-    assert ckpt.fetch_intact(str(tmp_path / "none")).__enter__() is None
+    assert RunStore(str(tmp_path / "none")).fetch_intact().__enter__() is None
     run = _run(tmp_path, steps=(2, 4))
     votes = []
 
@@ -206,7 +207,7 @@ def test_fetch_intact_follows_the_ranks_vote_and_handles_an_empty_run(tmp_path):
         votes.append(ok)
         return ok and len(votes) > 1
 
-    with ckpt.fetch_intact(run, agree=agree) as (url, _):
+    with RunStore(run).fetch_intact(agree=agree) as (url, _):
         assert url.endswith("checkpoint_00000002")
     assert votes == [True, True]
     assert ckpt.every_rank(True) and not ckpt.every_rank(False)  # no process group: this process's own vote
@@ -214,10 +215,10 @@ def test_fetch_intact_follows_the_ranks_vote_and_handles_an_empty_run(tmp_path):
 
 def test_latest_state_skips_a_damaged_state_file(tmp_path, caplog):
     run = _run(tmp_path, steps=(2, 4))
-    assert ckpt.latest_state(run)[1]["step"] == 4
+    assert RunStore(run).latest_state()[1]["step"] == 4
     _flip(tmp_path / "checkpoint_00000004" / "train_state.rank0.json", at=3)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
-        url, state = ckpt.latest_state(run)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.runstore"):
+        url, state = RunStore(run).latest_state()
     assert url.endswith("checkpoint_00000002") and state["step"] == 2
     assert "train_state.rank0.json differs" in caplog.text
 
