@@ -21,6 +21,7 @@ uninterrupted plan's; goal 0). Medians over --rounds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import signal
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# the test suite's DeepSpeed op cache (tests/conftest.py), handed to the nodes by the stack
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/vitpipe/torch_extensions"
+                                                  / hashlib.md5(sys.prefix.encode()).hexdigest()[:12]))
 
 STEPS, EVERY, BATCH, MICRO, READERS = 300, 20, 48, 8, 12
 THREE = ["COMMITTED.rank0", "COMMITTED.rank1", "COMMITTED.rank2"]
@@ -157,12 +161,13 @@ def measure(uri: str, name: str, times: dict[str, float], reference: dict[int, f
 def reference_digests(stack, train: str, env: dict[str, str]) -> dict[int, float]:
     from pipeline.config import load_config
     from pipeline.data.loader import build_train_loader
+    from pipeline.data.storage import Storage
     from pipeline.train.loop import batch_digest
 
     args = job_args(stack.bucket, train, "reference")
     cfg = load_config(ROOT / args[0], args[2:] + [f"storage.endpoint_url={stack.s3_endpoint}"])
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=BATCH, micro_batch=MICRO,
+    loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=BATCH, micro_batch=MICRO,
                                 image_size=cfg.model.image_size, in_chans=cfg.model.in_chans,
                                 num_classes=cfg.model.num_classes)
     steps = loader.steps()
@@ -182,6 +187,9 @@ def main() -> None:
     from pipeline.launch.stack import Stack
     from tests.cluster.support import source_files
 
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()  # built once on the host and given to the nodes (each building its own: minutes on two cores)
     with tempfile.TemporaryDirectory(prefix="vitpipe-bench-elastic-") as tmp:
         stack = Stack.up(Path(tmp) / "stack", nodes=4, subnet=args.subnet, ports={"s3": 0, "mlflow": 0},
                          cpus_per_node=1, health_check={"health_check_period_ms": 1000,

@@ -169,8 +169,9 @@ def check_eval(t: Table, args, workdir: Path, urls: dict) -> None:
 def check_decode(t: Table, args, urls: dict) -> None:
     import torch
 
-    from pipeline.data.config import DataConfig, StorageConfig
+    from pipeline.data.config import DataConfig
     from pipeline.data.loader import TrainLoader
+    from pipeline.data.storage import Storage
     from pipeline.data.manifest import load_dataset_spec
     from pipeline.data.shards import iter_tar_samples
     from pipeline.data.storage import open_url
@@ -201,7 +202,7 @@ def check_decode(t: Table, args, urls: dict) -> None:
     # the loader end to end (training crops, 224 px): decoding in the DataLoader workers vs on the device
     data_cfg = DataConfig(train=urls["train"], num_workers=args.data_workers, shuffle_buffer=256)
     for name, on in (("workers (CPU)", None), (f"batch on {device}", device)):
-        loader = TrainLoader(manifest, data_cfg, StorageConfig(), global_batch=args.worker_batch,
+        loader = TrainLoader(manifest, data_cfg, Storage(), global_batch=args.worker_batch,
                              micro_batch=args.worker_batch, image_size=args.worker_size, batch_decode_device=on)
         t0, n, steps = time.perf_counter(), 0, loader.steps()
         for _ in range(loader.steps_per_epoch):

@@ -66,8 +66,9 @@ def loader_rate(url: str, storage, size: int, batch: int, epochs: int, workers: 
     epoch's first batch, and the workers' production time per sample."""
     from pipeline.data.config import DataConfig
     from pipeline.data.loader import build_train_loader
+    from pipeline.data.storage import Storage
 
-    loader = build_train_loader(url, DataConfig(train=url, num_workers=workers, shuffle_buffer=256), storage,
+    loader = build_train_loader(url, DataConfig(train=url, num_workers=workers, shuffle_buffer=256), Storage(storage),
                                 global_batch=batch, micro_batch=batch, image_size=size)
     steps = loader.steps()
     n, busy, starts = 0, 0.0, []

@@ -97,6 +97,7 @@ def _hand_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from pipeline.data.loader import build_train_loader
+    from pipeline.data.storage import Storage
     from pipeline.data.transforms import to_model_input
     from pipeline.model import build_model
     from pipeline.train.engine import build_engine
@@ -110,7 +111,7 @@ def _hand_worker(config: dict) -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model)
     engine = build_engine(model, cfg.train, world, param_groups(model, cfg.train.optim.weight_decay))
-    loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=args.batch * world,
+    loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=args.batch * world,
                                 micro_batch=args.batch, image_size=args.image_size, rank=rank, world_size=world,
                                 num_classes=10)
     batches = (batch for step in loader.steps() for batch in step)
@@ -169,6 +170,7 @@ def _ddp_worker(rank: int, world: int, port: int, args, data: str, out) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pipeline.data.loader import build_train_loader
+    from pipeline.data.storage import Storage
     from pipeline.data.transforms import to_model_input
     from pipeline.model import build_model
     from pipeline.train.loop import compute_loss
@@ -182,7 +184,7 @@ def _ddp_worker(rank: int, world: int, port: int, args, data: str, out) -> None:
     ddp = DDP(model)
     o = cfg.train.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=args.batch * world,
+    loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=args.batch * world,
                                 micro_batch=args.batch, image_size=args.image_size, rank=rank, world_size=world,
                                 num_classes=10)
     batches = (batch for step in loader.steps() for batch in step)

@@ -125,7 +125,7 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
                                 f"({result.step * cfg.train.global_batch} images) at {cfg.model.image_size}px",
                     tags=lineage_tags(cfg, run_id=run.run_id, step=result.step,
                                       images_seen=result.step * cfg.train.global_batch,
-                                      dataset=load_dataset_spec(cfg.data.train, cfg.storage)),
+                                      dataset=load_dataset_spec(cfg.data.train, store.storage)),
                 )
             else:
                 run.log_artifact(final, "final")

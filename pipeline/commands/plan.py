@@ -57,8 +57,9 @@ def _from_dataset(cfg, num_samples, bytes_per_sample):
         return num_samples, bytes_per_sample
     try:
         from pipeline.data.manifest import load_dataset_spec
+        from pipeline.data.storage import Storage
 
-        m = load_dataset_spec(spec, cfg.storage)
+        m = load_dataset_spec(spec, Storage(cfg.storage))
     except Exception as e:  # planning works offline; the dataset is optional
         print(f"note: dataset {spec} not read ({type(e).__name__}); give --num-samples/--bytes-per-sample")
         return num_samples, bytes_per_sample

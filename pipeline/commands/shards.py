@@ -102,10 +102,10 @@ def run_write(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.data.manifest import load_dataset_spec
     from pipeline.data.shards import iter_tar_samples
-    from pipeline.data.storage import open_url
+    from pipeline.data.storage import Storage, open_url
 
     storage = storage_from_args(args)
-    m = load_dataset_spec(args.dataset, storage)
+    m = load_dataset_spec(args.dataset, Storage(storage))
     summary = {"url": m.url, "name": m.name, "split": m.split, "shards": m.num_shards, "samples": m.num_samples,
                "label_type": m.label_type, "num_classes": m.num_classes,
                "class_names": (m.class_names or [])[:20], "bytes_per_sample": m.bytes_per_sample,

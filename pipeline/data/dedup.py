@@ -48,7 +48,7 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import Manifest, load_dataset_spec
 from pipeline.data.shards import iter_tar_samples
-from pipeline.data.storage import get_filesystem, open_url, parent_url, url_join
+from pipeline.data.storage import Storage, get_filesystem, open_url, parent_url, url_join
 from pipeline.data.transforms import IMAGE_KEYS
 
 __all__ = ["EXCLUDE_NAME", "EXCLUDE_FORMAT", "HASH_KIND", "DEFAULT_THRESHOLD", "VIEWS", "HashIndex", "Exclusions",
@@ -300,7 +300,7 @@ def _load_against(specs: list[str], storage: StorageConfig) -> list[Manifest]:
     out = []
     for spec in specs:
         try:
-            out.append(load_dataset_spec(spec, storage))
+            out.append(load_dataset_spec(spec, Storage(storage)))
         except ValueError as e:
             raise ValueError(f"test set {spec}: {e}") from None
     return out
@@ -318,7 +318,7 @@ def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None
         raise ValueError("dedup: name at least one test set (--against TEST_MANIFEST)")
     if not 0 <= threshold < HASH_SIZE * HASH_SIZE:
         raise ValueError(f"dedup: threshold must be in 0..{HASH_SIZE * HASH_SIZE - 1} bits, got {threshold}")
-    m = load_dataset_spec(dataset, storage)
+    m = load_dataset_spec(dataset, Storage(storage))
     if not m.exact_counts:
         raise ValueError(f"dedup: {dataset!r} is a shard pattern; de-duplication needs a manifest (a dataset written "
                          "by `vitpipe shards write`), next to which its exclusion list is written")
@@ -389,15 +389,14 @@ class Exclusions:
         return sum(len(k) for k in self.keys.values())
 
 
-def load_exclusions(manifest: Manifest, storage: StorageConfig | None = None) -> Exclusions | None:
+def load_exclusions(manifest: Manifest, storage: Storage | None = None) -> Exclusions | None:
     """The exclusion list next to `manifest`, or None when there is none (or the dataset is a shard pattern).
     Raises a ValueError when it is unreadable, malformed or was made for another manifest."""
     if not manifest.exact_counts or not manifest.url:
         return None
     url = url_join(parent_url(manifest.url), EXCLUDE_NAME)
     try:
-        with open_url(url, "rb", storage) as f:
-            blob = f.read()
+        blob = (storage or Storage()).read_bytes(url)
     except FileNotFoundError:
         return None
     except PermissionError as e:  # S3 answers 403, not 404, for a missing key to a reader without ListBucket

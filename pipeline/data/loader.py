@@ -40,10 +40,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data.config import DataConfig, StorageConfig, resolve_readers
+from pipeline.data.config import DataConfig, resolve_readers
 from pipeline.data.dedup import load_exclusions
 from pipeline.data.epochs import EpochPlan, ReaderPlan, Segment, check_world_size
 from pipeline.data.manifest import Manifest, load_dataset_spec
+from pipeline.data.storage import Storage
 from pipeline.data.streams import COUNTER_NAMES, Producer, Stream, as_tensors
 from pipeline.data.transforms import build_transform, decode_batch
 
@@ -63,7 +64,7 @@ class _Loader:
     """What the two loaders share: the manifest and its exclusion list, building and starting the workers over a
     set of streams, decoding on the device, and the counters."""
 
-    def __init__(self, manifest: Manifest, data: DataConfig, storage: StorageConfig, *, image_size: int,
+    def __init__(self, manifest: Manifest, data: DataConfig, storage: Storage, *, image_size: int,
                  in_chans: int, train: bool, num_classes: int | None, pin_memory: bool,
                  batch_decode_device: torch.device | str | None):
         if num_classes is None:
@@ -170,7 +171,7 @@ class SplitLoader(_Loader):
     """One rank's share of a split: iterate for one pass of `len(loader)` batches (see the module docstring); every
     pass reads the next epoch's order. Evaluation reads with drop_last=False (every sample exactly once)."""
 
-    def __init__(self, manifest: Manifest, data: DataConfig, storage: StorageConfig, *, batch_size: int,
+    def __init__(self, manifest: Manifest, data: DataConfig, storage: Storage, *, batch_size: int,
                  image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0, world_size: int = 1,
                  num_classes: int | None = None, drop_last: bool = True, pin_memory: bool = False,
                  batch_decode_device: torch.device | str | None = None):
@@ -208,7 +209,7 @@ class TrainLoader(_Loader):
     """One rank's training input: `steps()` yields, step after step, the rank's micro-batches of that step (see the
     module docstring). state_dict()/load_state_dict() resume exactly at any world size the plan serves."""
 
-    def __init__(self, manifest: Manifest, data: DataConfig, storage: StorageConfig, *, global_batch: int,
+    def __init__(self, manifest: Manifest, data: DataConfig, storage: Storage, *, global_batch: int,
                  micro_batch: int, image_size: int, in_chans: int = 3, rank: int = 0, world_size: int = 1,
                  num_classes: int | None = None, pin_memory: bool = False, train: bool = True,
                  batch_decode_device: torch.device | str | None = None):
@@ -333,35 +334,42 @@ class TrainLoader(_Loader):
 
     def steps(self) -> Iterator[list[dict[str, Any]]]:
         """The rank's micro-batches of each step, step after step, epoch after epoch. Each epoch's workers start
-        while the previous epoch's last steps are consumed."""
+        while the previous epoch's last steps are consumed. Closing the generator (or dropping it) stops the
+        workers at once: none is left reading storage behind a loader that is done."""
         self._prestarted = None
         ahead = self.data.prefetch_factor
-        while True:
-            epoch, done = self.plan.locate(self.step)
-            started, self._prestarted = self._prestarted, None
-            if started is not None and started[0] == epoch and done == 0:
-                items = started[1]
-            else:
-                items = self._workers(epoch, done, self._positions)
-            while done < self.plan.steps_per_epoch:
-                got = [next(items) for _ in range(self.workers)]
-                for w, item in enumerate(got):
-                    meta = self._received(item)
-                    if meta["group"] != w:  # the DataLoader hands items out round-robin over the workers
-                        raise RuntimeError(f"step {self.step}: worker {meta['group']}'s item arrived in worker {w}'s "
-                                           "turn")
-                    for j, position in zip(self.groups[w], meta["positions"]):
-                        self._positions[j] = position
-                micro = self._assemble(got)
-                self.step += 1
-                done += 1
-                if done == self.plan.steps_per_epoch:  # the epoch is over: the next one starts from its beginning
-                    self._fold_counters()
-                    self._positions = [0] * len(self.readers)
-                elif self.data.num_workers > 0 and self._prestarted is None and \
-                        self.plan.steps_per_epoch - done <= ahead:
-                    self._prestarted = (epoch + 1, self._workers(epoch + 1, 0, [0] * len(self.readers)))
-                yield micro
+        items: Iterator[dict[str, Any]] | None = None
+        started = None
+        try:
+            while True:
+                epoch, done = self.plan.locate(self.step)
+                started, self._prestarted = self._prestarted, None
+                if started is not None and started[0] == epoch and done == 0:
+                    items = started[1]
+                else:
+                    items = self._workers(epoch, done, self._positions)
+                while done < self.plan.steps_per_epoch:
+                    got = [next(items) for _ in range(self.workers)]
+                    for w, item in enumerate(got):
+                        meta = self._received(item)
+                        if meta["group"] != w:  # the DataLoader hands items out round-robin over the workers
+                            raise RuntimeError(f"step {self.step}: worker {meta['group']}'s item arrived in "
+                                               f"worker {w}'s turn")
+                        for j, position in zip(self.groups[w], meta["positions"]):
+                            self._positions[j] = position
+                    micro = self._assemble(got)
+                    self.step += 1
+                    done += 1
+                    if done == self.plan.steps_per_epoch:  # the epoch is over: the next one starts from its beginning
+                        self._fold_counters()
+                        self._positions = [0] * len(self.readers)
+                    elif self.data.num_workers > 0 and self._prestarted is None and \
+                            self.plan.steps_per_epoch - done <= ahead:
+                        self._prestarted = (epoch + 1, self._workers(epoch + 1, 0, [0] * len(self.readers)))
+                    yield micro
+        finally:
+            # the last references to the DataLoader iterators: their workers are shut down here, not at exit
+            items = started = self._prestarted = None
 
 
 def merge_states(states: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -388,27 +396,27 @@ def for_rank(merged: dict[str, Any], rank: int) -> dict[str, Any]:
     return merged if rank == 0 else {**merged, "counters": {}}
 
 
-def build_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: StorageConfig | None = None, *,
+def build_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: Storage | None = None, *,
                  batch_size: int, image_size: int, in_chans: int = 3, train: bool = True, rank: int = 0,
                  world_size: int = 1, num_classes: int | None = None, drop_last: bool = True,
                  pin_memory: bool = False) -> SplitLoader:
     """Builds this rank's loader of a split (`SplitLoader`; evaluation: train=False, drop_last=False). The manifest
     is read and checked here, before any worker starts. `pin_memory`: batches land in page-locked memory (for a CUDA device: the copy to it can then overlap
     compute). `data.decode_device: cuda` decodes each batch on this process's current GPU (refused without CUDA)."""
-    storage = storage or StorageConfig()
+    storage = storage or Storage()
     manifest = _manifest(manifest_or_url, storage)
     return SplitLoader(manifest, data, storage, batch_size=batch_size, image_size=image_size, in_chans=in_chans,
                        train=train, rank=rank, world_size=world_size, num_classes=num_classes, drop_last=drop_last,
                        pin_memory=pin_memory, batch_decode_device=_decode_device(data))
 
 
-def build_train_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: StorageConfig | None = None, *,
+def build_train_loader(manifest_or_url: Manifest | str, data: DataConfig, storage: Storage | None = None, *,
                        global_batch: int, micro_batch: int, image_size: int, in_chans: int = 3, rank: int = 0,
                        world_size: int = 1, num_classes: int | None = None, pin_memory: bool = False,
                        train: bool = True) -> TrainLoader:
     """Builds this rank's training input (`TrainLoader`), refusing a world size the plan cannot serve. The manifest
     is read and checked here, before any worker starts."""
-    storage = storage or StorageConfig()
+    storage = storage or Storage()
     manifest = _manifest(manifest_or_url, storage)
     return TrainLoader(manifest, data, storage, global_batch=global_batch, micro_batch=micro_batch,
                        image_size=image_size, in_chans=in_chans, rank=rank, world_size=world_size,
@@ -416,7 +424,7 @@ def build_train_loader(manifest_or_url: Manifest | str, data: DataConfig, storag
                        batch_decode_device=_decode_device(data))
 
 
-def _manifest(manifest_or_url: Manifest | str, storage: StorageConfig) -> Manifest:
+def _manifest(manifest_or_url: Manifest | str, storage: Storage) -> Manifest:
     return manifest_or_url if isinstance(manifest_or_url, Manifest) else load_dataset_spec(manifest_or_url, storage)
 
 

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.config import StorageConfig
-from pipeline.data.storage import open_url, parent_url, url_join
+from pipeline.data.storage import Storage, parent_url, url_join
 
 __all__ = ["Manifest", "load_dataset_spec", "MANIFEST_FORMAT", "MANIFEST_NAME"]
 
@@ -118,7 +117,7 @@ def parse_manifest(data: dict, url: str, checksum: str = "") -> Manifest:
     )
 
 
-def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manifest:
+def load_dataset_spec(spec: str, storage: Storage | None = None) -> Manifest:
     """Reads a dataset: a manifest URL (or its folder), or 'pattern|num_samples'. Raises a ValueError naming the
     URL and the problem when the manifest is missing or invalid."""
     if not isinstance(spec, str) or not spec.strip():
@@ -131,14 +130,13 @@ def load_dataset_spec(spec: str, storage: StorageConfig | None = None) -> Manife
                          "'URL-{000000..000099}.tar|NUM_SAMPLES' (or point at the dataset's manifest.json)")
     url = spec if spec.endswith(".json") else url_join(spec, MANIFEST_NAME)
     try:
-        # open_url retries a body cut off mid-read (a connection reset), like the loader's shard reads
-        with open_url(url, "rb", storage) as f:
-            blob = f.read()
+        # read_bytes retries a body cut off mid-read (a connection reset), like the loader's shard reads
+        blob = (storage or Storage()).read_bytes(url)
     except FileNotFoundError:
         raise ValueError(f"dataset manifest not found: {url} (write the dataset with `vitpipe shards write`, "
                          "or give 'pattern|num_samples')") from None
     except Exception as e:  # unreachable endpoint, no credentials, access denied: botocore's types vary
-        endpoint = (storage.endpoint_url if storage else None) or os.environ.get("AWS_ENDPOINT_URL") or "default"
+        endpoint = (storage.config.endpoint_url if storage else None) or os.environ.get("AWS_ENDPOINT_URL") or "default"
         raise ValueError(f"cannot read dataset manifest {url} (endpoint {endpoint}): {type(e).__name__}: {e}; "
                          "check storage.endpoint_url / $AWS_ENDPOINT_URL and the credentials") from None
     try:

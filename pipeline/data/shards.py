@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, load_dataset_spec
 from pipeline.data.sources import ArraySource, Source, SourceItem, json_bytes, png_bytes
-from pipeline.data.storage import HashingWriter, digest, get_filesystem, open_url, url_join
+from pipeline.data.storage import HashingWriter, Storage, digest, get_filesystem, open_url, url_join
 from pipeline.data.tar import iter_members
 
 __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samples", "verify_shards",
@@ -513,7 +513,8 @@ def verify_shards(manifest_or_url: Manifest | str, storage: StorageConfig | None
                   count_samples: bool = True) -> list[str]:
     """Checks every shard's bytes and sha256 (and sample count) against the manifest; returns the problems found."""
     storage = storage or StorageConfig()
-    m = manifest_or_url if isinstance(manifest_or_url, Manifest) else load_dataset_spec(manifest_or_url, storage)
+    m = manifest_or_url if isinstance(manifest_or_url, Manifest) else load_dataset_spec(manifest_or_url,
+                                                                                        Storage(storage))
     problems = []
     for i, url in enumerate(m.shards):
         sha, size = hashlib.sha256(), 0

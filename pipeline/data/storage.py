@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import threading
+import weakref
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -86,11 +87,14 @@ def _make_s3(storage: StorageConfig):
     import s3fs
     from aiobotocore.session import AioSession
 
-    # One botocore session per config, shared by forked workers: its loaded service models make a worker's client
-    # cheap to build. The client itself (and its connections) is per process.
-    session = _SESSIONS.get(_storage_key(storage))
+    # One botocore session per config and process: a session is not fork-safe. A loader forks its DataLoader workers
+    # while this process may be using storage in another thread (a checkpoint uploading in the background, a
+    # manifest read finishing); a worker that inherited the session with one of its locks held would wait on it for
+    # ever. A worker's first client loads the service models again (a fraction of a second per epoch's worker).
+    key = f"{os.getpid()}:{_storage_key(storage)}"
+    session = _SESSIONS.get(key)
     if session is None:
-        session = _SESSIONS[_storage_key(storage)] = AioSession(profile=storage.profile) if storage.profile else AioSession()
+        session = _SESSIONS[key] = AioSession(profile=storage.profile) if storage.profile else AioSession()
         session.register("after-call.s3", _on_after_call)
     client_kwargs: dict[str, Any] = {}
     # region_name in client_kwargs breaks bucket creation on S3-compatible servers; set it only when asked.
@@ -262,6 +266,36 @@ def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *
     raise ValueError(f"open_url: mode must be 'rb' or 'wb', got {mode!r}")
 
 
+def _put(q: queue.Queue, stop: threading.Event, item: tuple) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read_ahead(urls: list[str], storage: StorageConfig, q: queue.Queue, abandoned: set[int],
+                stop: threading.Event) -> None:
+    """`ReadAhead`'s thread: each object's blocks in turn into `q`, then (i, None) at its end or (i, error)."""
+    block = storage.read_block_size
+    for i, url in enumerate(urls):
+        try:
+            with open_url(url, "rb", storage, buffer_size=block) as f:
+                while i not in abandoned:
+                    chunk = f.read(block)
+                    if not chunk:
+                        break
+                    if not _put(q, stop, (i, chunk)):
+                        return
+            end: tuple = (i, None)
+        except Exception as e:  # handed to the consumer, raised where the object is read
+            end = (i, e)
+        if not _put(q, stop, end):
+            return
+
+
 class ReadAhead:
     """Reads a sequence of objects, in order, in a background thread, up to `blocks` blocks of
     `storage.read_block_size` ahead of the consumer and across object boundaries: the next shard's bytes arrive
@@ -275,34 +309,12 @@ class ReadAhead:
         self._abandoned: set[int] = set()
         self._pending: tuple | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vitpipe-read-ahead", daemon=True)
+        # The thread holds no reference to this object: a reader dropped without `close` (a consumer that stopped
+        # early) stops its thread when it is collected, instead of leaving it polling until the process exits.
+        self._thread = threading.Thread(target=_read_ahead, name="vitpipe-read-ahead", daemon=True,
+                                        args=(self._urls, self._storage, self._queue, self._abandoned, self._stop))
+        weakref.finalize(self, self._stop.set)
         self._thread.start()
-
-    def _put(self, item: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        block = self._storage.read_block_size
-        for i, url in enumerate(self._urls):
-            try:
-                with open_url(url, "rb", self._storage, buffer_size=block) as f:
-                    while i not in self._abandoned:
-                        chunk = f.read(block)
-                        if not chunk:
-                            break
-                        if not self._put((i, chunk)):
-                            return
-                end: tuple = (i, None)
-            except Exception as e:  # handed to the consumer, raised where the object is read
-                end = (i, e)
-            if not self._put(end):
-                return
 
     def _next(self, i: int) -> bytes | None:
         """The next chunk of object `i` (None at its end); chunks of objects closed early are dropped."""

@@ -28,10 +28,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data.config import DataConfig, StorageConfig
+from pipeline.data.config import DataConfig
 from pipeline.data.epochs import Segment
 from pipeline.data.shards import iter_tar_samples
-from pipeline.data.storage import ReadAhead, io_counters, open_url
+from pipeline.data.storage import ReadAhead, Storage, io_counters
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_image
 
 __all__ = ["COUNTER_NAMES", "BAD_DATA_NAMES", "TELEMETRY_NAMES", "Producer", "Stream", "as_tensors"]
@@ -79,7 +79,7 @@ class Producer(torch.utils.data.IterableDataset):
 
     def __init__(self, *, shards: list[str], offsets: list[int], excluded: list[frozenset[str]],
                  streams: list[Stream], groups: list[list[int]], items: int, data: DataConfig,
-                 storage: StorageConfig, image_size: int, in_chans: int, train: bool, label_type: str,
+                 storage: Storage, image_size: int, in_chans: int, train: bool, label_type: str,
                  num_classes: int | None, defer_decode: bool):
         self.shards, self.offsets, self.excluded = shards, offsets, excluded
         self.streams, self.groups, self.items = streams, groups, items
@@ -92,7 +92,7 @@ class Producer(torch.utils.data.IterableDataset):
                       ahead: ReadAhead | None, k: int) -> Iterator[dict]:
         url, got = self.shards[shard], 0
         try:
-            with (ahead.open(k) if ahead is not None else open_url(url, "rb", self.storage)) as f:
+            with (ahead.open(k) if ahead is not None else self.storage.open(url)) as f:
                 for sample in iter_tar_samples(f, skip=skip, take=take):
                     sample["__index__"] = self.offsets[shard] + skip + got  # position in the manifest
                     got += 1
@@ -124,7 +124,7 @@ class Producer(torch.utils.data.IterableDataset):
             before = counters["skipped_samples"]
             emitted = 0
             buf: list[dict] = []
-            ahead = ReadAhead([self.shards[seg[0]] for seg in segs], self.storage, blocks=read_ahead) \
+            ahead = ReadAhead([self.shards[seg[0]] for seg in segs], self.storage.config, blocks=read_ahead) \
                 if read_ahead else None
             try:
                 for k, seg in enumerate(segs):
@@ -220,7 +220,7 @@ class Producer(torch.utils.data.IterableDataset):
             for k in ("retries", "bytes_read"):
                 counters[k] = now[k] - start_io[k]
 
-        read_ahead = self.storage.read_ahead_blocks
+        read_ahead = self.storage.config.read_ahead_blocks
         if read_ahead and len(group) > 1:  # the worker's read-ahead memory, shared by its streams
             read_ahead = max(1, read_ahead // len(group))
         streams = [self.streams[s] for s in group]

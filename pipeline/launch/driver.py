@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.config import StorageConfig
 from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, check_world_sizes, is_node_local
 from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
@@ -94,7 +93,7 @@ def run_store(cfg: RunConfig) -> RunStore:
     return RunStore(run_url(cfg), Storage(cfg.storage))
 
 
-def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
+def ray_storage(storage_path: str, storage: Storage) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray's RunConfig: object stores go through an fsspec filesystem
     wrapped for pyarrow (path without the scheme); local directories are made absolute."""
     if is_node_local(storage_path):
@@ -106,11 +105,12 @@ def ray_storage(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
     if protocol in ("s3", "s3a"):
         # A plain s3fs instance, not pipeline.data.storage's cached one: Ray pickles this filesystem into its
         # controller and workers, and fsspec filesystems pickle as their constructor arguments.
-        client_kwargs = {"region_name": storage.region} if storage.region else {}
+        config = storage.config
+        client_kwargs = {"region_name": config.region} if config.region else {}
         fs = fsspec.filesystem(
-            "s3", anon=storage.anon, endpoint_url=storage.endpoint_url or None, profile=storage.profile,
+            "s3", anon=config.anon, endpoint_url=config.endpoint_url or None, profile=config.profile,
             client_kwargs=client_kwargs, skip_instance_cache=True,
-            config_kwargs={"retries": {"mode": "standard", "max_attempts": storage.max_retries + 1}},
+            config_kwargs={"retries": {"mode": "standard", "max_attempts": config.max_retries + 1}},
         )
     else:
         fs = fsspec.filesystem(protocol)
@@ -136,7 +136,8 @@ def preflight(cfg: RunConfig) -> None:
 
     check_world_sizes(cfg)
     check_storage(cfg)
-    train = load_dataset_spec(cfg.data.train, cfg.storage)
+    storage = Storage(cfg.storage)
+    train = load_dataset_spec(cfg.data.train, storage)
     if train.num_classes and cfg.model.num_classes and train.num_classes > cfg.model.num_classes:
         raise ConfigError(
             f"data.train ({cfg.data.train}) has {train.num_classes} classes but model.num_classes is "
@@ -150,10 +151,10 @@ def preflight(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"data.train ({cfg.data.train}): {e}") from None
     if cfg.data.val:
-        load_dataset_spec(cfg.data.val, cfg.storage)
+        load_dataset_spec(cfg.data.val, storage)
     if cfg.data.fewshot_train and cfg.train.fewshot_every:
         for url in (cfg.data.fewshot_train, cfg.data.fewshot_test):
-            if url and load_dataset_spec(url, cfg.storage).label_type != "single":
+            if url and load_dataset_spec(url, storage).label_type != "single":
                 raise ConfigError(f"few-shot set {url} is multi-label; few-shot evaluation needs single labels")
 
 
@@ -174,10 +175,11 @@ def build_trainer(cfg: RunConfig, train_fn: Callable[[], None]):
     resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    storage_path, storage_fs = ray_storage(sc.storage_path, cfg.storage)
+    store = run_store(cfg)
+    storage_path, storage_fs = ray_storage(sc.storage_path, store.storage)
     env = worker_env(cfg)
     elastic = {"elastic_resize_monitor_interval_s": sc.resize_interval_s} if sc.elastic else {}
-    callbacks = [resize_gate(CommitRequest(run_url(cfg), cfg.storage), sc.stop_grace_s, sc.resize_interval_s)] \
+    callbacks = [resize_gate(CommitRequest(store.url, store.storage), sc.stop_grace_s, sc.resize_interval_s)] \
         if sc.elastic else None
     return TorchTrainer(
         train_fn,
@@ -209,8 +211,9 @@ def fit(cfg: RunConfig, *, run: RunRef | None = None, init: InitSpec | None = No
     url = run_url(cfg)
     spec = WorkerSpec(config=cfg, run_url=url, run=run or RunRef(), init=init, hooks=hooks or TrainHooks(),
                       final_eval=final_eval)
-    stop = StopSignal.create(url, cfg.storage)
-    CommitRequest(url, cfg.storage).clear()  # a request an earlier attempt left behind is not this group's
+    storage = Storage(cfg.storage)
+    stop = StopSignal.create(url, storage)
+    CommitRequest(url, storage).clear()  # a request an earlier attempt left behind is not this group's
     trainer = build_trainer(cfg, functools.partial(train_worker, spec, stop))
     with on_sigterm(stop):
         result = trainer.fit()

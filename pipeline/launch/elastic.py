@@ -22,8 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.data.config import StorageConfig
-from pipeline.data.storage import get_filesystem
+from pipeline.data.storage import Storage
 
 __all__ = ["CommitRequest", "resize_gate", "wait_to_be_replaced", "ReplacementTimeout"]
 
@@ -41,7 +40,7 @@ class CommitRequest:
 
     REQUEST, DONE = "COMMIT_REQUESTED", "COMMIT_DONE"
 
-    def __init__(self, run_url: str, storage: StorageConfig, poll_s: float = 1.0):
+    def __init__(self, run_url: str, storage: Storage, poll_s: float = 1.0):
         self.run_url, self._storage, self._poll_s = run_url.rstrip("/"), storage, poll_s
         self._last: float | None = None
         self.seen: str | None = None  # rank 0: the id of the request it is answering
@@ -53,7 +52,7 @@ class CommitRequest:
         self.__dict__.update(state, _last=None, seen=None)
 
     def _path(self, name: str) -> tuple[Any, str]:
-        return get_filesystem(f"{self.run_url}/{name}", self._storage)
+        return self._storage.filesystem(f"{self.run_url}/{name}")
 
     def _read(self, name: str) -> dict | None:
         fs, path = self._path(name)

@@ -20,8 +20,7 @@ import threading
 import time
 from typing import Iterator
 
-from pipeline.data.config import StorageConfig
-from pipeline.data.storage import get_filesystem
+from pipeline.data.storage import Storage
 
 __all__ = ["StopSignal", "on_sigterm", "torch_config", "install_worker_handler", "termination_requested",
            "training_active"]
@@ -36,17 +35,17 @@ class StopSignal:
 
     MARKER = "STOP_REQUESTED"
 
-    def __init__(self, run_url: str, storage: StorageConfig, poll_s: float = 1.0):
+    def __init__(self, run_url: str, storage: Storage, poll_s: float = 1.0):
         self.url = f"{run_url.rstrip('/')}/{self.MARKER}"
         self._storage, self._poll_s = storage, poll_s
         self._last: float | None = None  # when it last looked (None: not yet, so the first call looks)
         self.reason: str | None = None
 
     @classmethod
-    def create(cls, run_url: str, storage: StorageConfig) -> "StopSignal":
+    def create(cls, run_url: str, storage: Storage) -> "StopSignal":
         """The run's signal, cleared: a request left by an earlier, stopped attempt does not stop this one."""
         signal_ = cls(run_url, storage)
-        fs, path = get_filesystem(signal_.url, storage)
+        fs, path = storage.filesystem(signal_.url)
         try:
             fs.rm_file(path)
         except FileNotFoundError:
@@ -62,7 +61,7 @@ class StopSignal:
     def request(self, reason: str) -> None:
         """Driver side: writes the marker (with the reason)."""
         self.reason = self.reason or reason
-        fs, path = get_filesystem(self.url, self._storage)
+        fs, path = self._storage.filesystem(self.url)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, json.dumps({"reason": self.reason, "time": time.time()}).encode())
 
@@ -71,7 +70,7 @@ class StopSignal:
         within `poll_s` plus a step."""
         if self.reason is None and (self._last is None or time.monotonic() - self._last >= self._poll_s):
             self._last = time.monotonic()
-            fs, path = get_filesystem(self.url, self._storage)
+            fs, path = self._storage.filesystem(self.url)
             # a listing of the run folder cached by this process (a restore looked for checkpoints) would answer
             # "not found" for the marker written since
             fs.invalidate_cache(path.rsplit("/", 1)[0])

@@ -112,7 +112,7 @@ def train_worker(spec: WorkerSpec, stop: StopSignal | None = None) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     sc = spec.config.scaling
-    resize = CommitRequest(spec.run_url, spec.config.storage) if sc.elastic and rank == 0 else None
+    resize = CommitRequest(spec.run_url, spec.store.storage) if sc.elastic and rank == 0 else None
 
     def interrupt() -> Interrupt:
         if termination_requested():  # this worker was sent a SIGTERM: preempted (elastic) or stopped

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.data.storage import Storage
 from pipeline.eval.gather import distributed, gather_column_shard, gather_rows
 from pipeline.tracking.sinks import MetricsSink, NullSink
 from pipeline.train.ema import ParamEMA
@@ -92,7 +93,7 @@ class Evaluator:
         from pipeline.data.loader import build_loader
 
         cfg = self.cfg
-        return build_loader(url, cfg.data, cfg.storage, batch_size=cfg.train.micro_batch, train=False,
+        return build_loader(url, cfg.data, Storage(cfg.storage), batch_size=cfg.train.micro_batch, train=False,
                             rank=self.rank, world_size=self.world_size, drop_last=False,
                             pin_memory=self.device.type == "cuda", image_size=cfg.model.image_size,
                             in_chans=cfg.model.in_chans, num_classes=cfg.model.num_classes)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RunConfig
 from pipeline.data.loader import for_rank, merge_states
+from pipeline.data.storage import Storage
 from pipeline.data.streams import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
 from pipeline.tracking.console import progress_line, say
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
@@ -81,7 +82,6 @@ def build_model_for(cfg: RunConfig, init: InitSpec | None = None, *, load_init: 
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
     from pipeline.model.weights import check_state_dict
-    from pipeline.data.storage import Storage
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
@@ -194,7 +194,7 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     info = LoopInfo(rank, world_size, start_step, engine, cfg)
     hooks.on_start(info)
 
-    train_loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=tr.global_batch,
+    train_loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=tr.global_batch,
                                       micro_batch=tr.micro_batch, rank=rank, world_size=world_size,
                                       image_size=cfg.model.image_size, in_chans=cfg.model.in_chans,
                                       num_classes=cfg.model.num_classes, pin_memory=device.type == "cuda")

@@ -101,6 +101,7 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     (name, version/alias, our checkpoint format), the resolution against the patch size, the datasets' manifests
     against the class count. Then the adapted initial checkpoint is written under `workdir/init`."""
     from pipeline.data.manifest import load_dataset_spec
+    from pipeline.data.storage import Storage
     from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
     from pipeline.model.weights import adapt_state_dict
     from pipeline.tracking.registry import download_checkpoint, parse_model_uri
@@ -116,8 +117,9 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{uri} (version {version.version}) is not a loadable vitpipe checkpoint: {e}") from None
     model = finetune_model_config(src_model, cfg.model, keep_pre_logits=cfg.transfer.keep_pre_logits)
-    train_manifest = load_dataset_spec(cfg.data.train, cfg.storage)
-    val_manifest = load_dataset_spec(cfg.data.val, cfg.storage)
+    storage = Storage(cfg.storage)
+    train_manifest = load_dataset_spec(cfg.data.train, storage)
+    val_manifest = load_dataset_spec(cfg.data.val, storage)
     _check_manifest(train_manifest, "train", cfg.data.train, model.num_classes)
     _check_manifest(val_manifest, "val", cfg.data.val, model.num_classes)
     adapted = adapt_state_dict(state_dict, src_model, model)

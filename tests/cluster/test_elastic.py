@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from pipeline.data.storage import Storage
 from tests.cluster.support import run_by_name, status, submitted, vitpipe, vitpipe_popen, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,7 @@ def _reference_digests(cluster, datasets) -> dict[int, float]:
         for k, v in cluster.env().items():
             if k.startswith("AWS_"):
                 m.setenv(k, v)
-        loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=BATCH, micro_batch=MICRO,
+        loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=BATCH, micro_batch=MICRO,
                                     image_size=cfg.model.image_size, in_chans=cfg.model.in_chans,
                                     num_classes=cfg.model.num_classes)
         steps = loader.steps()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.storage import Storage
 from tests.cluster.support import succeeded, vitpipe, worker_ips
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,7 @@ def test_shards_job_writes_the_dataset_from_the_bucket(cluster, datasets):
         for k, v in cluster.env().items():
             if k.startswith("AWS_"):
                 m.setenv(k, v)
-        manifest = load_dataset_spec(datasets["train"], StorageConfig(endpoint_url=cluster.s3_endpoint))
+        manifest = load_dataset_spec(datasets["train"], Storage(StorageConfig(endpoint_url=cluster.s3_endpoint)))
     assert manifest.num_samples == 512 and manifest.num_shards == 4
 
 

@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader
 from pipeline.data.manifest import load_dataset_spec
+from pipeline.data.storage import Storage
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def test_shards_write_inspect_verify(where, image_folder, tmp_path, capsys, requ
     manifest_url = capsys.readouterr().out.strip().splitlines()[-1]
     assert manifest_url == f"{dest}/manifest.json"
     storage = request.getfixturevalue("storage_config") if where == "s3" else None
-    m = load_dataset_spec(manifest_url, storage)
+    m = load_dataset_spec(manifest_url, Storage(storage))
     assert m.num_samples == 18 and m.samples_per_shard == [5, 5, 5, 3] and m.class_names == ["china", "flower"]
     assert m.raw["writer"]["encode"]["max_side"] == 128
 
@@ -63,7 +64,7 @@ def test_shards_write_inspect_verify(where, image_folder, tmp_path, capsys, requ
     assert main(["shards", "verify", manifest_url, *storage_args]) == 0
     assert "ok" in capsys.readouterr().out
 
-    loader = build_loader(manifest_url, DataConfig(train=manifest_url, num_workers=0, shuffle_buffer=4), storage,
+    loader = build_loader(manifest_url, DataConfig(train=manifest_url, num_workers=0, shuffle_buffer=4), Storage(storage),
                           batch_size=6, image_size=32, train=False)
     batches = list(loader)
     assert len(batches) == 3 and batches[0]["image"].shape == (6, 3, 32, 32)

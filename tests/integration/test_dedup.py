@@ -20,6 +20,7 @@ from pipeline.data.dedup import EXCLUDE_NAME, HASH_KIND
 from pipeline.data.loader import build_train_loader
 from pipeline.data.shards import write_array_shards, write_shards
 from pipeline.data.sources import Source, SourceItem, png_bytes, read_idx
+from pipeline.data.storage import Storage
 from pipeline.data.storage import get_filesystem
 
 pytestmark = pytest.mark.integration
@@ -228,7 +229,7 @@ def test_the_training_loader_skips_excluded_samples_with_equal_steps_per_rank(se
     assert len(excluded) == len(VARIANTS) * N_PLANTED
     everything = {it.key for it in data[2]}
     dc = DataConfig(train=pretrain, num_workers=2, shuffle_buffer=16, seed=1, virtual_readers=8)
-    loaders = [build_train_loader(pretrain, dc, storage, global_batch=8, micro_batch=4, image_size=16, rank=r,
+    loaders = [build_train_loader(pretrain, dc, Storage(storage), global_batch=8, micro_batch=4, image_size=16, rank=r,
                                   world_size=2) for r in range(2)]
     assert [loader.steps_per_epoch for loader in loaders] == [50, 50]
     batches = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.data.storage import Storage
 from tests.fixtures.faults import CLASSES, synthetic
 
 pytestmark = pytest.mark.integration
@@ -126,7 +127,7 @@ def test_multi_label_map_and_prec1_match_sklearn_on_one_and_two_ranks(setup, ran
     model.eval()
     logits, targets = [], []
     with torch.no_grad():
-        for b in build_loader(url, cfg.data, cfg.storage, batch_size=16, train=False, drop_last=False,
+        for b in build_loader(url, cfg.data, Storage(cfg.storage), batch_size=16, train=False, drop_last=False,
                               image_size=cfg.model.image_size, num_classes=CLASSES):
             logits.append(model(to_model_input(b["image"], "cpu", torch.float32, cfg.data.augment))[b["valid"]])
             targets.append(b["label"][b["valid"]])

@@ -165,7 +165,7 @@ def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
     # ranks read whole shards; the last step's window may be short, so only the totals are compared exactly)
     from pipeline.data.manifest import load_dataset_spec
 
-    manifest = load_dataset_spec(cfg.data.train, cfg.storage)
+    manifest = load_dataset_spec(cfg.data.train, Storage(cfg.storage))
     assert m["data/bytes_read"] > 0 and m["perf/store_mb_per_s"] >= 0 and m["perf/loader_samples_per_s"] > 0
     assert 0.5 < m["data/bytes_per_sample"] / manifest.bytes_per_sample < 2.0, (m, manifest.bytes_per_sample)
     assert sorted(_history(mlflow_server.url, result.run_id, "val/loss")) == [3, 6]

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.storage import Storage
+
 pytestmark = pytest.mark.integration
 
 
@@ -227,7 +229,7 @@ def test_synthetic_data_trains_every_step_on_the_first_real_batch(process_group,
     record = tmp_path / "record"
     last, reports = _train(cfg, hooks=FaultHooks(record=str(record)))
     steps = [e for e in read_record(record, 0) if e["event"] == "step"]
-    loader = build_train_loader(cfg.data.train, cfg.data, cfg.storage, global_batch=cfg.train.global_batch,
+    loader = build_train_loader(cfg.data.train, cfg.data, Storage(cfg.storage), global_batch=cfg.train.global_batch,
                                 micro_batch=cfg.train.micro_batch, image_size=16)
     first = [k for batch in next(loader.steps()) for k in batch["key"]]
     assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["keys"] == first for e in steps)

@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 
+from pipeline.data.storage import Storage
+
 pytestmark = pytest.mark.integration
 
 
@@ -21,7 +23,7 @@ def test_a_stop_request_reaches_the_workers_through_the_runs_storage(where, tmp_
 
     run, storage = (str(tmp_path / "runs" / "r1"), StorageConfig()) if where == "local" else (
         f"s3://{s3_bucket}/runs/r-{uuid.uuid4().hex[:6]}", storage_config)
-    driver = StopSignal.create(run, storage)
+    driver = StopSignal.create(run, Storage(storage))
     worker = pickle.loads(pickle.dumps(driver))  # what Ray hands each worker: the URL, no polling state
     worker._poll_s = 3600.0  # (the second look below must fall inside one poll interval however slow the machine)
     fs, root = get_filesystem(run, storage)
@@ -36,6 +38,6 @@ def test_a_stop_request_reaches_the_workers_through_the_runs_storage(where, tmp_
     worker._last = None  # (as if the interval had passed)
     assert worker.requested() and worker.reason == "SIGTERM"
     assert fs.exists(f"{root}/STOP_REQUESTED")
-    again = StopSignal.create(run, storage)  # the next attempt (a --resume) starts without the old request
+    again = StopSignal.create(run, Storage(storage))  # the next attempt (a --resume) starts without the old request
     fs.invalidate_cache()
     assert not fs.exists(f"{root}/STOP_REQUESTED") and not pickle.loads(pickle.dumps(again)).requested()

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.storage import Storage
 
 JFT_IMAGES = 303_000_000
 RANKS, WORKERS, READERS, GLOBAL, MICRO = 512, 8, 1536, 4096, 8
@@ -54,11 +55,11 @@ def _write_manifest(path, num_shards: int, samples_per_shard: int) -> str:
 
 
 def _rank_loader(manifest, rank: int):
-    from pipeline.data.config import DataConfig, StorageConfig
+    from pipeline.data.config import DataConfig
     from pipeline.data.loader import TrainLoader
 
     data = DataConfig(train=manifest.url, num_workers=WORKERS, virtual_readers=READERS)
-    return TrainLoader(manifest, data, StorageConfig(), global_batch=GLOBAL, micro_batch=MICRO, image_size=224,
+    return TrainLoader(manifest, data, Storage(), global_batch=GLOBAL, micro_batch=MICRO, image_size=224,
                        rank=rank, world_size=RANKS)
 
 
@@ -167,11 +168,11 @@ def tiny_shards(tmp_path_factory):
 
 
 def _loader(url: str, num_workers: int):
-    from pipeline.data.config import DataConfig, StorageConfig
+    from pipeline.data.config import DataConfig
     from pipeline.data.loader import build_train_loader
 
     data = DataConfig(train=url, num_workers=num_workers, shuffle_buffer=4, prefetch_factor=2, virtual_readers=4)
-    return build_train_loader(url, data, StorageConfig(), global_batch=8, micro_batch=4, image_size=16, in_chans=3)
+    return build_train_loader(url, data, Storage(), global_batch=8, micro_batch=4, image_size=16, in_chans=3)
 
 
 def test_worker_memory_is_flat_over_30_epochs(tiny_shards):
