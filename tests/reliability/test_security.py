@@ -223,11 +223,13 @@ def test_torch_distributed_store_listens_on_loopback(secret_run):
 
 
 def test_test_services_listen_on_loopback_only(s3_server, mlflow_server):
-    """The moto S3 server (a thread in this process) and the mlflow server process tree."""
+    """The moto S3 server process and the mlflow server process tree."""
+    from tests.fixtures.s3 import s3_server_pid
+
     s3_port = int(s3_server.rsplit(":", 1)[1])
-    mine = [c for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    assert any(c.laddr.port == s3_port for c in mine)
-    assert all(c.laddr.ip in LOOPBACK for c in mine if c.laddr.port == s3_port), mine
+    sockets = _listening(_tree(s3_server_pid(s3_server)))
+    assert any(port == s3_port for _, _, port in sockets), sockets
+    assert all(ip in LOOPBACK for _, ip, _ in sockets), sockets
     assert mlflow_server.running
     sockets = _listening(_tree(mlflow_server._proc.pid))
     assert any(port == mlflow_server.port for _, _, port in sockets), sockets
