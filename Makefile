@@ -1,6 +1,7 @@
 # One-command set-up, tests and demo. Every target is idempotent.
 #   make setup   build .venv and install everything (Debian packages too, when we are root with apt)
 #   make test    run the whole test suite (runs setup first if needed)
+#   make test-fast  the unit tests and the loader/checkpoint/engine integration tests (a few minutes): for iterating
 #   make demo    run the end-to-end demo
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,7 +26,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-unit demo bench clean debian-packages
+.PHONY: setup test test-fast test-unit demo bench clean debian-packages
 
 setup: $(STAMP)
 
@@ -50,6 +51,12 @@ debian-packages:
 
 test: setup
 	$(PY) -m pytest tests --durations=25
+
+# No Ray cluster, no MLflow server: the sample plan, the loader on local disk and S3, stop markers, the engine on
+# gloo ranks.
+test-fast: setup
+	$(PY) -m pytest tests/unit tests/integration/test_data_loader.py tests/integration/test_stop_signal.py \
+	    tests/integration/test_pretrain_engine.py tests/integration/test_evaluation.py
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
