@@ -21,8 +21,8 @@ import random
 import shutil
 import tempfile
 import threading
-import weakref
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.data.storage import Storage
 from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, check_world_sizes, is_node_local
 from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
 from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
 from pipeline.tracking.run import RunRef
-from pipeline.data.storage import Storage
-from pipeline.train.runstore import RunStore
 from pipeline.train.hooks import TrainHooks
+from pipeline.train.runstore import RunStore
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
 __all__ = [
