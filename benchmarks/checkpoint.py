@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import free_port, moto_server  # noqa: E402
 
+
 def build(variant: str):
     import torch.distributed as dist
 

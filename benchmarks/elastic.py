@@ -181,13 +181,13 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("benchmarks/elastic.py needs root (network and mount namespaces per node)")
+    from deepspeed.comm.torch import build_shm_op
+
     from pipeline.data.config import StorageConfig
     from pipeline.data.shards import write_shards
     from pipeline.data.sources import IdxSource
     from pipeline.launch.stack import Stack
     from tests.cluster.support import source_files
-
-    from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()  # built once on the host and given to the nodes (each building its own: minutes on two cores)
     with tempfile.TemporaryDirectory(prefix="vitpipe-bench-elastic-") as tmp:

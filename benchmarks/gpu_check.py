@@ -171,10 +171,9 @@ def check_decode(t: Table, args, urls: dict) -> None:
 
     from pipeline.data.config import DataConfig
     from pipeline.data.loader import TrainLoader
-    from pipeline.data.storage import Storage
     from pipeline.data.manifest import load_dataset_spec
     from pipeline.data.shards import iter_tar_samples
-    from pipeline.data.storage import open_url
+    from pipeline.data.storage import Storage, open_url
     from pipeline.data.transforms import IMAGE_KEYS, decode_batch, decode_image
 
     device = "cpu" if args.cpu else torch.device("cuda", torch.cuda.current_device())

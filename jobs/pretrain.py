@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.config import ConfigError, RunConfig, load_config
+    from pipeline.config import RunConfig, load_config
+    from pipeline.errors import ConfigError, RunStopped
     from pipeline.pretrain import run_pretraining
-    from pipeline.tracking.run import RunStopped
 
     try:
         cfg = load_config(args.config, args.overrides, RunConfig)

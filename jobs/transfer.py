@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.tracking.run import RunStopped
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError, RunStopped
     from pipeline.transfer.config import TransferRunConfig
     from pipeline.transfer.runner import run_transfer
 

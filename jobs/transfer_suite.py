@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     from pipeline.launch.submit import cluster_address, default_address
     from pipeline.transfer.suite import load_suite
 

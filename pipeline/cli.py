@@ -12,9 +12,8 @@ import logging
 import sys
 
 from pipeline import __version__
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError, RunStopped
 from pipeline.tracking.console import quiet_console
-from pipeline.tracking.run import RunStopped
 
 __all__ = ["main", "build_parser"]
 

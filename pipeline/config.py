@@ -18,17 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.data.config import DataConfig, StorageConfig, resolve_readers
+from pipeline.errors import ConfigError
 from pipeline.launch.config import ScalingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking.config import TrackingConfig
 from pipeline.train.config import TrainConfig
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "load_yaml_tree", "apply_overrides", "config_hash", "validate",
+__all__ = ["RunConfig", "load_config", "load_yaml_tree", "apply_overrides", "config_hash", "validate",
            "config_class"]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says where and what to do."""
 
 
 class RunConfig(BaseModel):

@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, config_hash
+from pipeline.config import RunConfig, config_hash
+from pipeline.errors import ConfigError, RunStopped
 from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_store
-from pipeline.tracking.run import RunStopped, TrackedRun, flatten_params
+from pipeline.tracking.run import TrackedRun, flatten_params
 from pipeline.train.hooks import TrainHooks
 
 __all__ = ["PretrainResult", "run_pretraining", "resume_changes", "RESUMABLE_CHANGES", "ARCHITECTURE",

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
     from pipeline.capacity import format_plan, make_plan
+    from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     num_samples, bytes_per_sample = args.num_samples, args.bytes_per_sample

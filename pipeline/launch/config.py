@@ -91,7 +91,7 @@ SHARED_STORAGE_HINT = ("set scaling.storage_path to object storage every node re
 def check_storage(cfg: "RunConfig") -> None:
     """Static checks of where the run goes (no I/O): scaling.storage_path is not a recipe's placeholder, nor a
     node-local directory for a GPU run unless declared shared; GPU decoding only on GPU workers."""
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     sc = cfg.scaling
     if is_placeholder(sc.storage_path):
@@ -108,7 +108,7 @@ def check_storage(cfg: "RunConfig") -> None:
 def check_world_sizes(cfg: "RunConfig") -> None:
     """Every world size the run may train on (scaling.num_workers, each of min..max when elastic) serves the
     training plan: data.virtual_readers and train.global_batch / micro_batch split evenly over the workers."""
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     tr, sc = cfg.train, cfg.scaling
     readers = resolve_readers(cfg.data, tr.global_batch)

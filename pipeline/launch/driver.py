@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
 from pipeline.data.storage import Storage
+from pipeline.errors import ConfigError
 from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, check_world_sizes, is_node_local
 from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config

@@ -108,7 +108,8 @@ def _project_path(path: str, project_dir: Path, working_dir: bool, folder: bool 
 def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
     """The validated config, with the checks that need no cluster: storage (placeholder, node-local path on GPUs) and
     the world sizes the training plan must serve."""
-    from pipeline.config import ConfigError, RunConfig, config_class, load_config
+    from pipeline.config import RunConfig, config_class, load_config
+    from pipeline.errors import ConfigError
     from pipeline.launch.config import check_storage, check_world_sizes
 
     if kind == "pretrain":

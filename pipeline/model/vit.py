@@ -13,6 +13,7 @@ fc_norm=False`; its position embedding then has N rows instead of 1+N.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from pipeline.errors import RegistryError
 from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.tracking.run import TrackedRun
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from pipeline.transfer.config import TransferRunConfig
 
 __all__ = [
-    "RegistryError",
     "ModelRef",
     "RegisteredVersion",
     "CHECKPOINT_FILES",
@@ -63,10 +63,6 @@ _URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P
 # MLflow reserves the alias "latest" (any case) and itself resolves models:/NAME/latest to the highest version;
 # we treat @latest the same way, so "latest" as a configured alias is implicit and never set.
 LATEST = "latest"
-
-
-class RegistryError(ValueError):
-    """A registry reference or entry that cannot be used; the message lists what exists."""
 
 
 @dataclass(frozen=True)

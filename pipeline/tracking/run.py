@@ -22,9 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import RunStopped
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.tracking.sinks import (
-    _MAX_METRICS_PER_BATCH, _MAX_PARAM_VALUE, _MAX_PARAMS_PER_BATCH, MetricsSink, StdoutSink, build_sink,
+    _MAX_METRICS_PER_BATCH,
+    _MAX_PARAM_VALUE,
+    _MAX_PARAMS_PER_BATCH,
+    MetricsSink,
+    StdoutSink,
+    build_sink,
     flatten_params,
 )
 
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
     from pipeline.tracking.registry import RegisteredVersion
 
 __all__ = [
-    "RunRef", "RunStopped", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
+    "RunRef", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
     "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "PARENT_RUN_TAG", "child_runs",
 ]
 
@@ -43,20 +49,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow nests a run under the run this tag names
 PARENT_RUN_TAG = "mlflow.parentRunId"
-
-
-class RunStopped(Exception):
-    """Training stopped on request (SIGTERM, `vitpipe jobs stop`) after every rank committed a checkpoint at
-    `step`; `--resume` continues from it. A run ended by this is KILLED; commands exit with `exit_code`."""
-
-    exit_code = 143  # 128 + SIGTERM
-
-    def __init__(self, name: str, step: int, checkpoint: str | None, reason: str = "stop requested"):
-        self.name, self.step, self.checkpoint, self.reason = name, step, checkpoint, reason
-        super().__init__(
-            f"run {name!r} stopped ({reason}) at step {step}; checkpoint {checkpoint} is committed: continue with "
-            "--resume"
-        )
 
 
 class RunRef(BaseModel):

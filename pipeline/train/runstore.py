@@ -21,17 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.data.storage import Storage, is_local
+from pipeline.errors import DamagedCheckpointError
 from pipeline.model.format import CONFIG_FILE
 from pipeline.train import commit
 from pipeline.train.checkpoint import checkpoint_dir_name, export_final, read_train_state, step_of, verify_checkpoint
 
-__all__ = ["RunStore", "DamagedCheckpointError"]
+__all__ = ["RunStore"]
 
 log = logging.getLogger(__name__)
-
-
-class DamagedCheckpointError(ValueError):
-    """No committed checkpoint of a run is intact in storage."""
 
 
 class RunStore:

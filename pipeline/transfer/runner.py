@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig, check_image_size
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
@@ -189,9 +190,10 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
     tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
+    from pipeline.errors import RunStopped
     from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
     from pipeline.tracking.registry import lineage_tags
-    from pipeline.tracking.run import RunStopped, TrackedRun
+    from pipeline.tracking.run import TrackedRun
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)

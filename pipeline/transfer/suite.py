@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.launch.config import check_storage
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.transfer.config import TransferRunConfig

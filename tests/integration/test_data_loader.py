@@ -13,8 +13,7 @@ import torch
 from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader, build_train_loader
 from pipeline.data.shards import write_array_shards
-from pipeline.data.storage import Storage
-from pipeline.data.storage import get_filesystem
+from pipeline.data.storage import Storage, get_filesystem
 
 pytestmark = pytest.mark.integration
 
@@ -297,8 +296,7 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
     retried (fsspec's recursive get would fail the export)."""
     import os
 
-    from pipeline.data.storage import get_filesystem, io_counters
-    from pipeline.data.storage import Storage
+    from pipeline.data.storage import Storage, get_filesystem, io_counters
     from tests.fixtures.s3 import make_storage_config
 
     url = f"s3://{s3_bucket}/runs/r1/checkpoint_00000004"

@@ -20,8 +20,7 @@ from pipeline.data.dedup import EXCLUDE_NAME, HASH_KIND
 from pipeline.data.loader import build_train_loader
 from pipeline.data.shards import write_array_shards, write_shards
 from pipeline.data.sources import Source, SourceItem, png_bytes, read_idx
-from pipeline.data.storage import Storage
-from pipeline.data.storage import get_filesystem
+from pipeline.data.storage import Storage, get_filesystem
 
 pytestmark = pytest.mark.integration
 

@@ -104,8 +104,8 @@ def test_multi_label_map_and_prec1_match_sklearn_on_one_and_two_ranks(setup, ran
     from pipeline.data.loader import build_loader
     from pipeline.data.shards import write_array_shards
     from pipeline.data.transforms import to_model_input
-    from pipeline.model.checkpoint import load_checkpoint
     from pipeline.model import build_model
+    from pipeline.model.checkpoint import load_checkpoint
     from pipeline.tracking.run import RunRef
     from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
 

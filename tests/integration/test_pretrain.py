@@ -131,8 +131,8 @@ def zero2(ray_cluster, datasets, s3_server, mlflow_server, tmp_path_factory):
 def test_zero2_trains_and_tracks(zero2, buckets, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.model.checkpoint import load_checkpoint
     from pipeline.data.storage import Storage
+    from pipeline.model.checkpoint import load_checkpoint
 
     cfg, result, records = zero2
     for rank in (0, 1):  # what the Ray workers' engines ran
@@ -215,8 +215,8 @@ def test_sigterm_stop_and_worker_failure_both_resume_exactly(zero2, ray_cluster,
     (A SIGTERM to the job's driver is `vitpipe jobs stop`: tests/cluster/test_jobs.py.)"""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.errors import RunStopped
     from pipeline.pretrain import run_pretraining
-    from pipeline.tracking.run import RunStopped
 
     cfg = _cfg("interrupted", datasets, s3_server, mlflow_server.url, "train.zero.stage=2",
                f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}",
@@ -254,7 +254,7 @@ def test_an_existing_run_needs_resume_and_a_resume_needs_the_same_model(zero2, r
     is tests/reliability/test_faults_worker.py's; a stopped run's resume is test_sigterm_stop_... above.)"""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     from pipeline.pretrain import run_pretraining
 
     cfg, first, _ = zero2

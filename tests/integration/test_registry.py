@@ -163,8 +163,9 @@ def test_tracked_run_owns_the_run_lifecycle(mlflow_uri):
     a resumed run RUNNING again under its own id, an unknown resume id starting a new run that says so."""
     from mlflow import MlflowClient
 
+    from pipeline.errors import RunStopped
     from pipeline.tracking.config import TrackingConfig
-    from pipeline.tracking.run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RunStopped, TrackedRun
+    from pipeline.tracking.run import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TrackedRun
 
     client = MlflowClient(mlflow_uri)
     client.create_experiment("track-old")  # made elsewhere, without the kind tag

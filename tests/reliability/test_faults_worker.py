@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.fixtures.faults import (effective_steps, fault_cfg, history, read_record, reference_keys, report)
+from tests.fixtures.faults import effective_steps, fault_cfg, history, read_record, reference_keys, report
 from tests.fixtures.hooks import FaultHooks
 
 pytestmark = [pytest.mark.integration]

@@ -325,9 +325,10 @@ def test_registry_versions_holding_pickles_are_refused(payloads, mlflow_uri, tmp
     transfer --from` and download_checkpoint + load_checkpoint refuse it before any worker starts."""
     from mlflow import MlflowClient
 
+    from pipeline.errors import RegistryError
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
-    from pipeline.tracking.registry import RegistryError, download_checkpoint
+    from pipeline.tracking.registry import download_checkpoint
 
     marker, files = payloads
     good = save_checkpoint(tmp_path / "good", build_model("vit_pico4", image_size=8, num_classes=3))

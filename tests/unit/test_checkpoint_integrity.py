@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.errors import DamagedCheckpointError
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.runstore import DamagedCheckpointError, RunStore
+from pipeline.train.runstore import RunStore
 
 
 class TorchCheckpointEngine:  # the name DeepSpeed's plain writer has: its saves are streamed through the hash

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.launch import submit as S
 from pipeline.launch.netns import Subnet
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_class
-from pipeline.config import ConfigError, RunConfig, apply_overrides, config_hash, load_config
+from pipeline.config import RunConfig, apply_overrides, config_class, config_hash, load_config
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("_"))

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from pipeline.eval.fewshot import (
-    L2_GRID, fewshot_results, loo_predictions, ridge_classifier, sample_k_per_class, select_l2,
+    L2_GRID,
+    fewshot_results,
+    loo_predictions,
+    ridge_classifier,
+    sample_k_per_class,
+    select_l2,
 )
 
 

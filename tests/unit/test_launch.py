@@ -13,7 +13,8 @@ import cloudpickle
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.launch.config import check_storage
 from pipeline.launch.driver import check_cluster, worker_env
 from pipeline.pretrain import _check_resume, resume_changes

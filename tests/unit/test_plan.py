@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.capacity import make_plan, zero_model_state_bytes
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.model.flops import forward_flops
-from pipeline.capacity import make_plan, zero_model_state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 JFT_SAMPLES = 303_000_000
@@ -83,8 +83,8 @@ def test_plan_cli_prints_the_table(capsys) -> None:
 def test_plan_states_the_decode_cores_each_gpu_needs(capsys) -> None:
     """ViT-B/16 at 40% MFU on an H100: ~3,800 images/s per GPU (989 TFLOP/s x 0.4 / 3 x 35.2 GFLOPs), i.e. ~4 cores
     at the measured 934 images/s per core, ~8 at half that rate."""
-    from pipeline.config import load_config
     from pipeline.capacity import CPU_DECODE_RATE, make_plan
+    from pipeline.config import load_config
 
     cfg = load_config(REPO / "configs/pretrain/vit-b16-jft.yaml")
     plan = make_plan(cfg, gpus=8, gpu_type="h100", mfu=0.4)

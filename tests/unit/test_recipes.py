@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_class
-from pipeline.config import load_config
+from pipeline.config import config_class, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

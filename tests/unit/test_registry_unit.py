@@ -7,7 +7,8 @@ import re
 import pytest
 
 from pipeline.config import config_hash, load_config
-from pipeline.tracking.registry import RegistryError, lineage_tags, parse_model_uri, code_version
+from pipeline.errors import RegistryError
+from pipeline.tracking.registry import code_version, lineage_tags, parse_model_uri
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model import build_model
 from pipeline.train.config import ScheduleConfig
 from pipeline.train.engine import deepspeed_config, gradient_accumulation

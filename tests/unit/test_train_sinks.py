@@ -7,8 +7,9 @@ import pickle
 
 import pytest
 
+from pipeline.errors import RunStopped
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
-from pipeline.tracking.run import RunRef, RunStopped, TrackedRun, end_status
+from pipeline.tracking.run import RunRef, TrackedRun, end_status
 from pipeline.tracking.sinks import MlflowSink, NullSink, StdoutSink, build_sink, flatten_params
 
 

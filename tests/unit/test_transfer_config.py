@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
 from pipeline.transfer.runner import finetune_model_config

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.transfer.config import TransferRunConfig
 from pipeline.transfer.suite import TaskOutcome, _run_jobs, load_suite, suite_metrics
 

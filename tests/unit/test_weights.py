@@ -16,11 +16,17 @@ from pipeline.cli import main as cli
 from pipeline.model import ModelConfig, build_model
 from pipeline.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from pipeline.model.weights import (
-    adapt_state_dict, convert_state_dict, export_state_dict, infer_config, read_weights, save_npz,
+    adapt_state_dict,
+    convert_state_dict,
+    export_state_dict,
+    infer_config,
+    read_weights,
+    save_npz,
 )
 
 timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer as TimmViT, _load_weights  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from timm.models.vision_transformer import _load_weights
 
 PICO = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
 
