@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(args, train_url: str, endpoint: str, runs_dir: Path, name: str, synthetic: bool) -> dict:
     from pipeline.config import load_config
     from pipeline.launch.driver import fit
-    from pipeline.tracking.run import RunRef
+    from pipeline.tracking.sinks import RunRef
 
     window = args.steps // 2
     cfg = load_config(ROOT / "configs/pretrain/smoke.yaml", [

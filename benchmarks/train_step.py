@@ -78,7 +78,7 @@ class StepClock(TrainHooks):
 # -- the real loop: run_training under Ray Train + DeepSpeed -----------------------------------------------------
 def ours_step_s(args, data: str) -> float:
     from pipeline.launch.driver import fit
-    from pipeline.tracking.run import RunRef
+    from pipeline.tracking.sinks import RunRef
 
     with tempfile.TemporaryDirectory() as d:
         clock = Path(d, "clock.txt")

@@ -23,6 +23,7 @@ from pipeline.launch.config import ScalingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking.config import TrackingConfig
 from pipeline.train.config import TrainConfig
+from pipeline.transfer.config import TransferRunConfig
 
 __all__ = ["RunConfig", "load_config", "load_yaml_tree", "apply_overrides", "config_hash", "validate",
            "config_class"]
@@ -184,7 +185,5 @@ def config_class(paths: list[str]) -> type[BaseModel]:
     """The config model of a file list: transfer configs carry a `transfer:` section (TransferRunConfig);
     everything else is a pretraining RunConfig."""
     if "transfer" in load_yaml_tree(paths[-1]):
-        from pipeline.transfer.config import TransferRunConfig  # it imports this module
-
         return TransferRunConfig
     return RunConfig

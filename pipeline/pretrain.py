@@ -88,8 +88,9 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
     ConfigError before the tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises
     RunStopped after a committed checkpoint, the run ending KILLED. `hooks`: see pipeline.train.hooks."""
     from pipeline.data.manifest import load_dataset_spec
-    from pipeline.tracking.registry import code_version, lineage_tags
+    from pipeline.lineage import lineage_tags
     from pipeline.train.engine import deepspeed_config
+    from pipeline.version import code_version
 
     preflight(cfg)
     connect_ray(address or cfg.scaling.address)

@@ -101,7 +101,7 @@ def _alias(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from pipeline.tracking.registry import import_weights
+    from pipeline.lineage import import_weights
 
     model_cfg = None
     if args.variant or args.image_size:

@@ -19,11 +19,12 @@ from typing import Any, Callable
 from pipeline.config import RunConfig
 from pipeline.data.storage import Storage
 from pipeline.errors import ConfigError
-from pipeline.launch.config import SHARED_STORAGE_HINT, check_storage, check_world_sizes, is_node_local
+from pipeline.launch.checks import SHARED_STORAGE_HINT, check_storage, check_world_sizes
+from pipeline.launch.config import is_node_local
 from pipeline.launch.elastic import CommitRequest, resize_gate
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
 from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
-from pipeline.tracking.run import RunRef
+from pipeline.tracking.sinks import RunRef
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.runstore import RunStore
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec

@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.launch.driver import FitResult, finish_fit
 from pipeline.launch.driver import run_url as default_run_url
 from pipeline.launch.stop import install_worker_handler, termination_requested, training_active
-from pipeline.tracking.run import RunRef
+from pipeline.tracking.sinks import RunRef
 from pipeline.train.checkpoint import every_rank
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.loop import run_evaluation, run_training

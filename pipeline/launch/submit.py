@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from pipeline.tracking.console import FilteredStream
-from pipeline.tracking.registry import CODE_VERSION_ENV, code_version
+from pipeline.version import CODE_VERSION_ENV, code_version
 
 __all__ = [
     "PROJECT_DIR", "JOB_MODULES", "FORWARDED_ENV", "WORKING_DIR_EXCLUDES", "Submission", "build_submission",
@@ -110,7 +110,7 @@ def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
     the world sizes the training plan must serve."""
     from pipeline.config import RunConfig, config_class, load_config
     from pipeline.errors import ConfigError
-    from pipeline.launch.config import check_storage, check_world_sizes
+    from pipeline.launch.checks import check_storage, check_world_sizes
 
     if kind == "pretrain":
         cfg = load_config(configs, overrides, RunConfig)

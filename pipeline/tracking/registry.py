@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +22,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from pipeline.errors import RegistryError
 from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT, WEIGHTS_FILE
-from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
-from pipeline.tracking.run import TrackedRun
+from pipeline.model.ref import LATEST, parse_model_uri
+from pipeline.tracking.config import resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipeline.config import RunConfig
-    from pipeline.model.config import ModelConfig
-    from pipeline.transfer.config import TransferRunConfig
 
 __all__ = [
-    "ModelRef",
     "RegisteredVersion",
     "CHECKPOINT_FILES",
     "log_pyfunc_model",
-    "parse_model_uri",
-    "code_version",
-    "CODE_VERSION_ENV",
-    "lineage_tags",
     "register_checkpoint",
     "resolve_version",
     "download_checkpoint",
@@ -50,7 +40,6 @@ __all__ = [
     "describe_model",
     "lineage",
     "set_alias",
-    "import_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,23 +48,6 @@ DEFAULT_ARTIFACT_PATH = "checkpoint"
 FORMAT_TAG = "vitpipe.format"
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 _LOGGED_MODEL_RE = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)$")
-_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[A-Za-z0-9_\-]+))$")
-# MLflow reserves the alias "latest" (any case) and itself resolves models:/NAME/latest to the highest version;
-# we treat @latest the same way, so "latest" as a configured alias is implicit and never set.
-LATEST = "latest"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
-
-    name: str
-    version: str | None = None
-    alias: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}" if self.version else f"models:/{self.name}@{self.alias}"
 
 
 @dataclass(frozen=True)
@@ -100,80 +72,6 @@ def _client(tracking_uri: str | None) -> "MlflowClient":
 
     uri = resolve_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def parse_model_uri(uri: str) -> ModelRef:
-    """Parses `models:/NAME/VERSION` or `models:/NAME@ALIAS`; anything else is a RegistryError saying the forms."""
-    m = _URI_RE.match(uri.strip()) if isinstance(uri, str) else None
-    if m and (m["version"] == LATEST or (m["alias"] or "").lower() == LATEST):
-        return ModelRef(m["name"], None, LATEST)
-    if not m:
-        raise RegistryError(
-            f"model URI {uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS "
-            "(e.g. models:/vit-b16-i21k@latest or models:/vit-b16-i21k/3)"
-        )
-    return ModelRef(m["name"], m["version"], m["alias"])
-
-
-CODE_VERSION_ENV = "VITPIPE_CODE_VERSION"
-
-
-def code_version(root: Path | None = None) -> str:
-    """pipeline.__version__ plus the git commit of the source tree when it is a git checkout (+dirty when
-    pipeline/ has uncommitted changes). A tree that is not a checkout (a Ray job's uploaded working dir) reports
-    what `vitpipe submit` computed in the checkout it was submitted from ($VITPIPE_CODE_VERSION), else the bare
-    package version."""
-    from pipeline import __version__
-
-    root = root or Path(__file__).resolve().parents[2]
-    fallback = os.environ.get(CODE_VERSION_ENV) or __version__
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        if sha.returncode != 0:
-            return fallback
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "pipeline"],
-            capture_output=True, text=True, timeout=5,
-        )
-        suffix = "+dirty" if dirty.stdout.strip() else ""
-        return f"{__version__}+g{sha.stdout.strip()}{suffix}"
-    except (OSError, subprocess.SubprocessError):
-        return fallback
-
-
-def lineage_tags(
-    cfg: "RunConfig | TransferRunConfig",
-    *,
-    run_id: str | None,
-    step: int | None = None,
-    images_seen: int | None = None,
-    dataset: Any = None,
-    model_cfg: "ModelConfig | None" = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """Tags that say where a checkpoint came from. `cfg` is the resolved RunConfig (or TransferRunConfig);
-    `dataset` a data Manifest (anything with `.url` and `.checksum`), or None to record the configured URL;
-    `model_cfg` the checkpoint's ModelConfig when it is not `cfg.model` (transfer jobs)."""
-    from pipeline.config import config_hash
-
-    model_cfg = model_cfg or cfg.model
-    tags: dict[str, Any] = {
-        "dataset.url": getattr(dataset, "url", None) or cfg.data.train,
-        "dataset.checksum": getattr(dataset, "checksum", None) or "unknown",
-        "resolution": model_cfg.image_size,
-        "model.variant": model_cfg.name,
-        "config_hash": config_hash(cfg),
-        "code_version": code_version(),
-        "run_id": run_id or "",
-    }
-    if step is not None:
-        tags["steps"] = step
-    if images_seen is not None:
-        tags["images_seen"] = images_seen
-    tags.update(extra or {})
-    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def _check_checkpoint_dir(path: Path) -> None:
@@ -489,56 +387,3 @@ def set_alias(name: str, version: str | int, alias: str, tracking_uri: str | Non
     client = _client(tracking_uri)
     client.set_registered_model_alias(name, alias, str(version))
     return _to_version(client.get_model_version(name, str(version)))
-
-
-def import_weights(
-    file: str | Path,
-    name: str,
-    *,
-    source: str,
-    model_cfg: Any = None,
-    tracking_uri: str | None = None,
-    experiment: str = "vit-import",
-    alias: str | None = "latest",
-    normalize: str = "inception",
-) -> RegisteredVersion:
-    """Converts foreign weights (timm, big_vision .npz, HF) with the model's converters into our checkpoint,
-    logs it to a new run and registers it as a version of `name`. `model_cfg` None = inferred from the weights;
-    `normalize`: the input normalisation the weights were trained with (big_vision's and timm's/HF's ViTs
-    scale pixels to [-1, 1]: inception)."""
-    import hashlib
-
-    from pipeline.config import config_hash
-    from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.model.weights import convert_state_dict, infer_config, read_weights
-
-    file = Path(file)
-    if source not in ("timm", "npz", "hf"):
-        raise RegistryError(f"--source {source!r}: expected timm, npz or hf")
-    state_dict = read_weights(file)
-    model_cfg = model_cfg or infer_config(state_dict, source)
-    converted = convert_state_dict(state_dict, source=source, cfg=model_cfg)
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    tags = {
-        "import.file": file.name,
-        "import.source": source,
-        "import.sha256": digest.hexdigest(),
-        "resolution": model_cfg.image_size,
-        "model.variant": model_cfg.name,
-        "config_hash": config_hash(model_cfg),
-        "code_version": code_version(),
-    }
-    tracking = TrackingConfig(sink="mlflow", tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment)
-    with TrackedRun.open(tracking, f"import-{name}") as run:
-        run.log_params({k: tags[k] for k in ("import.file", "import.source", "import.sha256", "model.variant",
-                                             "resolution")})
-        with tempfile.TemporaryDirectory(prefix="vitpipe-import-") as tmp:
-            save_checkpoint(tmp, converted, model_cfg, {"imported_from": file.name, "source": source})
-            version = run.register(tmp, name=name, alias=alias, tags={**tags, "run_id": run.run_id},
-                                   normalize=normalize,
-                                   description=f"{source} weights imported from {file.name} (sha256 "
-                                               f"{tags['import.sha256'][:12]})")
-    return version

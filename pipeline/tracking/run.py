@@ -18,27 +18,24 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Mapping
 
 from pipeline.errors import RunStopped
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
+from pipeline.tracking.registry import RegisteredVersion, register_checkpoint
 from pipeline.tracking.sinks import (
     _MAX_METRICS_PER_BATCH,
     _MAX_PARAM_VALUE,
     _MAX_PARAMS_PER_BATCH,
     MetricsSink,
+    RunRef,
     StdoutSink,
     build_sink,
     flatten_params,
 )
 
-if TYPE_CHECKING:
-    from pipeline.tracking.registry import RegisteredVersion
-
 __all__ = [
-    "RunRef", "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
+    "TrackedRun", "StdoutRun", "MlflowRun", "end_status", "ui_url", "metric_history",
     "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "PARENT_RUN_TAG", "child_runs",
 ]
 
@@ -49,17 +46,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow nests a run under the run this tag names
 PARENT_RUN_TAG = "mlflow.parentRunId"
-
-
-class RunRef(BaseModel):
-    """What a worker needs to log to the run (pickled into it): no client, no credentials."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    sink: Literal["null", "stdout", "mlflow"] = "null"
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    flush_every_s: float = Field(5.0, gt=0)
 
 
 def end_status(exc: BaseException | None) -> str:
@@ -142,7 +128,7 @@ class TrackedRun:
 
     def register(self, checkpoint_dir: str | Path, *, name: str, alias: str | None = None,
                  tags: Mapping[str, Any] | None = None, artifact_path: str = "checkpoint",
-                 description: str | None = None, normalize: str = "imagenet") -> "RegisteredVersion":
+                 description: str | None = None, normalize: str = "imagenet") -> RegisteredVersion:
         """Logs a model checkpoint folder to this run as a pyfunc model and registers it as a new version of
         `name`; `normalize` is the input normalisation the model expects (data.augment.normalize)."""
         raise ValueError(f"registering {name!r} needs tracking.sink=mlflow (this run's sink is "
@@ -293,9 +279,7 @@ class MlflowRun(TrackedRun):
 
     def register(self, checkpoint_dir: str | Path, *, name: str, alias: str | None = None,
                  tags: Mapping[str, Any] | None = None, artifact_path: str = "checkpoint",
-                 description: str | None = None, normalize: str = "imagenet") -> "RegisteredVersion":
-        from pipeline.tracking.registry import register_checkpoint
-
+                 description: str | None = None, normalize: str = "imagenet") -> RegisteredVersion:
         return register_checkpoint(checkpoint_dir, run_id=self.run_id, name=name, tracking_uri=self.tracking_uri,
                                    alias=alias, tags=tags, artifact_path=artifact_path, description=description,
                                    normalize=normalize)

@@ -1,5 +1,5 @@
 """Metrics sinks: where a worker's per-step metrics (and a few params and artifacts) go. The training loop only ever
-talks to a `MetricsSink`, built from the run's `RunRef` (pipeline.tracking.run); MLflow is one implementation
+talks to a `MetricsSink`, built from the run's `RunRef` (below); MLflow is one implementation
 (leader-only, lazily imported, non-blocking: a background thread ships batches and keeps them buffered while the
 server is unreachable)."""
 
@@ -14,14 +14,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.tracking.console import say
 
-if TYPE_CHECKING:
-    from pipeline.tracking.run import RunRef
-
-__all__ = ["MetricsSink", "NullSink", "StdoutSink", "MlflowSink", "build_sink", "flatten_params"]
+__all__ = ["RunRef", "MetricsSink", "NullSink", "StdoutSink", "MlflowSink", "build_sink", "flatten_params"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,17 @@ log = logging.getLogger(__name__)
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_VALUE = 6000
+
+
+class RunRef(BaseModel):
+    """What a worker needs to log to the run (pickled into it): no client, no credentials."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sink: Literal["null", "stdout", "mlflow"] = "null"
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    flush_every_s: float = Field(5.0, gt=0)
 
 
 class MetricsSink:
@@ -260,7 +270,7 @@ class MlflowSink(MetricsSink):
                 self._shipping = False
 
 
-def build_sink(run: "RunRef", rank: int) -> MetricsSink:
+def build_sink(run: RunRef, rank: int) -> MetricsSink:
     """The sink rank `rank` logs to: rank 0 logs to the run (`TrackedRun.ref`), the others get a null sink. A sink
     never creates a run: the job's driver owns it."""
     if rank != 0 or run.sink == "null":

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import RunConfig
 from pipeline.data.storage import Storage
-from pipeline.tracking.run import RunRef
+from pipeline.tracking.sinks import RunRef
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.runstore import RunStore
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.data.config import DataConfig, StorageConfig, resolve_readers
 from pipeline.launch.config import ScalingConfig
+from pipeline.model.ref import parse_model_uri
 from pipeline.tracking.config import TrackingConfig
 from pipeline.train.config import TrainConfig
 
@@ -76,8 +77,6 @@ class TransferConfig(BaseModel):
     @classmethod
     def _uri_form(cls, source: str | None) -> str | None:
         if source is not None:
-            from pipeline.tracking.registry import parse_model_uri
-
             parse_model_uri(source)
         return source
 

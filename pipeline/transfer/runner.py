@@ -104,8 +104,9 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     from pipeline.data.manifest import load_dataset_spec
     from pipeline.data.storage import Storage
     from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.model.ref import parse_model_uri
     from pipeline.model.weights import adapt_state_dict
-    from pipeline.tracking.registry import download_checkpoint, parse_model_uri
+    from pipeline.tracking.registry import download_checkpoint
 
     uri = source or cfg.transfer.source
     if not uri:
@@ -192,7 +193,7 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
     from pipeline.errors import RunStopped
     from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
-    from pipeline.tracking.registry import lineage_tags
+    from pipeline.lineage import lineage_tags
     from pipeline.tracking.run import TrackedRun
 
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None

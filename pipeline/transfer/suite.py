@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.launch.config import check_storage
+from pipeline.launch.checks import check_storage
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
 from pipeline.transfer.config import TransferRunConfig
 

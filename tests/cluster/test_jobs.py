@@ -83,7 +83,8 @@ def test_pretraining_runs_one_worker_per_worker_node_and_registers(cluster, pret
         f"the 2 workers should run on two worker nodes of {cluster.node_ips[1:]}; job logs:\n{pretrained.stdout[-4000:]}")
     from mlflow import MlflowClient
 
-    from pipeline.tracking.registry import code_version, resolve_version
+    from pipeline.tracking.registry import resolve_version
+    from pipeline.version import code_version
 
     uri = cluster.mlflow_uri
     pre = resolve_version(f"models:/{PRETRAINED}@champion", tracking_uri=uri)

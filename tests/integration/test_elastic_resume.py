@@ -115,7 +115,7 @@ def test_a_world_size_the_plan_cannot_serve_is_refused_before_training(elastic):
     """On 1 rank a plan of 12 readers and a global batch of 48 works; asked for 5 ranks through the config, the
     check names the fields and the sizes that work (what preflight says before any worker starts)."""
     from pipeline.errors import ConfigError
-    from pipeline.launch.config import check_world_sizes
+    from pipeline.launch.checks import check_world_sizes
 
     cfg, _ = elastic(2, 1)
     five = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 5})})

@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
 
 
 def _spec(cfg, ckpt, pool, test, run=None, plots=False):
-    from pipeline.tracking.run import RunRef
+    from pipeline.tracking.sinks import RunRef
     from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
     return WorkerSpec(config=cfg, run_url=cfg.scaling.storage_path + "/eval", run=run or RunRef(),
@@ -106,7 +106,7 @@ def test_multi_label_map_and_prec1_match_sklearn_on_one_and_two_ranks(setup, ran
     from pipeline.data.transforms import to_model_input
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.tracking.run import RunRef
+    from pipeline.tracking.sinks import RunRef
     from pipeline.train.spec import FinalEval, InitSpec, WorkerSpec
 
     cfg, ckpt, _, _ = setup

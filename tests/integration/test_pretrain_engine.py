@@ -64,7 +64,7 @@ def _train(cfg, init=None, restore_dir=None, keep_dir=None, run=None, interrupt=
     import shutil
 
     from pipeline.launch.driver import run_url
-    from pipeline.tracking.run import RunRef
+    from pipeline.tracking.sinks import RunRef
     from pipeline.train.checkpoint import is_complete
     from pipeline.train.loop import run_training
     from pipeline.train.spec import WorkerSpec

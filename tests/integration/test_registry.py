@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.lineage import import_weights
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.tracking.registry import (
     RegistryError,
     describe_model,
     download_checkpoint,
-    import_weights,
     list_models,
     resolve_version,
     set_alias,

@@ -15,10 +15,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.launch.config import check_storage
+from pipeline.launch.checks import check_storage
 from pipeline.launch.driver import check_cluster, worker_env
 from pipeline.pretrain import _check_resume, resume_changes
-from pipeline.tracking.run import RunRef
+from pipeline.tracking.sinks import RunRef
 from pipeline.train.hooks import TrainHooks
 from pipeline.train.spec import InitSpec, WorkerSpec
 

@@ -158,6 +158,6 @@ def test_recipe_carries_its_run_command_and_smoke_variant(rel: str) -> None:
 def test_recipe_world_size_serves_its_training_plan(rel: str) -> None:
     """What `vitpipe submit` checks before anything leaves the machine: the recipe's scaling.num_workers divides its
     virtual readers and its global batch over micro-batches (pipeline.data.epochs.ReaderPlan)."""
-    from pipeline.launch.config import check_world_sizes
+    from pipeline.launch.checks import check_world_sizes
 
     check_world_sizes(_load(rel))

@@ -8,7 +8,9 @@ import pytest
 
 from pipeline.config import config_hash, load_config
 from pipeline.errors import RegistryError
-from pipeline.tracking.registry import code_version, lineage_tags, parse_model_uri
+from pipeline.lineage import lineage_tags
+from pipeline.model.ref import parse_model_uri
+from pipeline.version import code_version
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_a_tree_without_git_reports_the_submitting_checkouts_version(tmp_path, m
     dirty flag) in the job's environment, and the job reports that."""
     from pipeline import __version__
     from pipeline.launch.submit import runtime_env_for
-    from pipeline.tracking.registry import CODE_VERSION_ENV
+    from pipeline.version import CODE_VERSION_ENV
 
     monkeypatch.delenv(CODE_VERSION_ENV, raising=False)
     assert code_version(tmp_path) == __version__

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.errors import RunStopped
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
-from pipeline.tracking.run import RunRef, TrackedRun, end_status
-from pipeline.tracking.sinks import MlflowSink, NullSink, StdoutSink, build_sink, flatten_params
+from pipeline.tracking.run import TrackedRun, end_status
+from pipeline.tracking.sinks import MlflowSink, NullSink, RunRef, StdoutSink, build_sink, flatten_params
 
 
 def test_flatten_params():
