@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig, config_hash
+from pipeline.data.manifest import load_dataset_spec
 from pipeline.errors import ConfigError, RunStopped
 from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_store
+from pipeline.lineage import lineage_tags
 from pipeline.tracking.run import TrackedRun, flatten_params
+from pipeline.train.engine import deepspeed_config
 from pipeline.train.hooks import TrainHooks
+from pipeline.version import code_version
 
 __all__ = ["PretrainResult", "run_pretraining", "resume_changes", "RESUMABLE_CHANGES", "ARCHITECTURE",
            "SAMPLE_ORDER"]
@@ -87,11 +91,6 @@ def run_pretraining(cfg: RunConfig, *, resume: bool = False, address: str | None
     """Runs (or with `resume`, continues) a pretraining run and registers its final model. Bad input raises
     ConfigError before the tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises
     RunStopped after a committed checkpoint, the run ending KILLED. `hooks`: see pipeline.train.hooks."""
-    from pipeline.data.manifest import load_dataset_spec
-    from pipeline.lineage import lineage_tags
-    from pipeline.train.engine import deepspeed_config
-    from pipeline.version import code_version
-
     preflight(cfg)
     connect_ray(address or cfg.scaling.address)
     check_cluster(cfg)

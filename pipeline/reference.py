@@ -6,6 +6,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from pipeline.config import RunConfig
+from pipeline.transfer.config import TransferRunConfig
+
 __all__ = ["config_reference"]
 
 
@@ -36,9 +39,6 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 
 def config_reference() -> str:
     """The reference for pretraining (`RunConfig`) and transfer (`TransferRunConfig`) configs."""
-    from pipeline.config import RunConfig
-    from pipeline.transfer.config import TransferRunConfig
-
     out = [
         "# Configuration reference",
         "",

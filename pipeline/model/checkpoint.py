@@ -14,6 +14,8 @@ from torch import nn
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.format import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from pipeline.model.vit import VisionTransformer
+from pipeline.model.weights import check_state_dict, load_safetensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT"]
 
@@ -26,7 +28,6 @@ def save_checkpoint(
     `cfg` defaults to the model's own `.cfg`; `extra` must be JSON-serialisable (e.g. class names, source)."""
     from safetensors.torch import save_file
 
-    from pipeline.model.weights import check_state_dict
 
     if isinstance(model_or_state_dict, nn.Module):
         cfg = cfg or getattr(model_or_state_dict, "cfg", None)
@@ -54,8 +55,6 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
     """(state_dict, ModelConfig, extra) from a directory written by `save_checkpoint`; every key and shape is
     checked against the config."""
-    from pipeline.model.weights import check_state_dict, load_safetensors
-
     directory = Path(directory)
     meta_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
@@ -80,8 +79,6 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Mod
 def load_model(directory: str | Path, **overrides) -> nn.Module:
     """The VisionTransformer a checkpoint describes, with its weights. `overrides` are ModelConfig fields that do
     not change parameter shapes (drop rates, act_checkpoint)."""
-    from pipeline.model.vit import VisionTransformer
-
     sd, cfg, _ = load_checkpoint(directory)
     if overrides:
         cfg = ModelConfig.model_validate({**cfg.model_dump(), **overrides})

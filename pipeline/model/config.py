@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.model.variants import VARIANTS, get_variant
+
 __all__ = ["ModelConfig", "check_image_size"]
 
 
@@ -31,8 +33,6 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_variant(cls, name: str) -> str:
-        from pipeline.model.variants import VARIANTS
-
         if name not in VARIANTS:
             raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
         return name
@@ -47,8 +47,6 @@ class ModelConfig(BaseModel):
 def check_image_size(image_size: int, variant: str, what: str = "model.image_size", whose: str = "") -> None:
     """The one check that an input resolution fits a variant's patch size: a ValueError naming `what`, the
     variant (`whose` says whose it is, e.g. "the source model"), its patch size and the nearest sizes that fit."""
-    from pipeline.model.variants import get_variant
-
     patch = get_variant(variant).patch_size
     if image_size % patch:
         fits = sorted({image_size // patch * patch, (image_size // patch + 1) * patch} - {0})

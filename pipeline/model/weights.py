@@ -28,6 +28,7 @@ import torch
 from pipeline.model.config import ModelConfig
 from pipeline.model.posembed import resample_pos_embed
 from pipeline.model.variants import VARIANTS, get_variant
+from pipeline.model.vit import VisionTransformer
 
 __all__ = [
     "SOURCES", "convert_state_dict", "export_state_dict", "expected_shapes", "check_state_dict",
@@ -59,8 +60,6 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 @functools.lru_cache(maxsize=64)
 def _expected_shapes(name, image_size, in_chans, num_classes, classifier, pre_logits) -> dict[str, torch.Size]:
-    from pipeline.model.vit import VisionTransformer
-
     cfg = ModelConfig(name=name, image_size=image_size, in_chans=in_chans, num_classes=num_classes,
                       classifier=classifier, pre_logits=pre_logits)
     with torch.device("meta"):

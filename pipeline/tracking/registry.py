@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from pipeline import __version__
 from pipeline.errors import RegistryError
 from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from pipeline.model.ref import LATEST, parse_model_uri
@@ -116,7 +117,6 @@ def log_pyfunc_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: s
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from pipeline import __version__
 
     checkpoint_dir = Path(checkpoint_dir)
     model = json.loads((checkpoint_dir / CONFIG_FILE).read_text())["model"]

@@ -28,13 +28,13 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline.data.storage import HashingWriter, digest
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.config import ModelConfig
 from pipeline.train import commit
-
-if TYPE_CHECKING:
-    from pipeline.model.config import ModelConfig
+from pipeline.train.engine import consolidate_fp32
 
 __all__ = [
     "checkpoint_tag",
@@ -200,10 +200,6 @@ def export_final(checkpoint_dir: str | Path, model_cfg: "ModelConfig | dict", ou
     """Consolidates a complete training checkpoint into one fp32 state dict and saves it in the model's checkpoint
     format (model.safetensors + model.json) in the local directory `out_dir`. `model_cfg`: the ModelConfig (or
     its dict) of the trained model."""
-    from pipeline.model.checkpoint import save_checkpoint
-    from pipeline.model.config import ModelConfig
-    from pipeline.train.engine import consolidate_fp32
-
     if not is_complete(checkpoint_dir):
         raise ValueError(f"{checkpoint_dir} is not a complete training checkpoint (commit markers missing)")
     if isinstance(model_cfg, dict):

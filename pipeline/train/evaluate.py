@@ -19,10 +19,17 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.data.loader import build_loader
 from pipeline.data.storage import Storage
+from pipeline.data.transforms import to_model_input
+from pipeline.eval.classify import average_precision, evaluate_classifier
+from pipeline.eval.fewshot import extract_features, fewshot_results, ridge_probe
 from pipeline.eval.gather import distributed, gather_column_shard, gather_rows
+from pipeline.eval.plots import plot_attention_rollout, plot_confusion_matrix, plot_pos_embed_similarity
+from pipeline.model import build_model
 from pipeline.tracking.sinks import MetricsSink, NullSink
 from pipeline.train.ema import ParamEMA
+from pipeline.train.engine import full_parameters
 from pipeline.train.hooks import EvalContext, TrainHooks, all_reduce_sum
 from pipeline.train.spec import FewshotEval, FinalEval
 
@@ -90,8 +97,6 @@ class Evaluator:
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _loader(self, url: str):
-        from pipeline.data.loader import build_loader
-
         cfg = self.cfg
         return build_loader(url, cfg.data, Storage(cfg.storage), batch_size=cfg.train.micro_batch, train=False,
                             rank=self.rank, world_size=self.world_size, drop_last=False,
@@ -105,8 +110,6 @@ class Evaluator:
 
     def _classify(self, model: torch.nn.Module, url: str, max_batches: int | None,
                   num_classes: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-        from pipeline.eval.classify import evaluate_classifier
-
         with self._autocast():
             sums = evaluate_classifier(model, self._loader(url), self.loss_fn, max_batches, self.dtype, self.device,
                                        self.cfg.data.augment, num_classes)
@@ -125,8 +128,6 @@ class Evaluator:
     def _mean_average_precision(self, sums: dict[str, Any]) -> float:
         """mAP over the classes with a positive in the evaluated split: each rank gathers every sample's scores of
         its share of the classes, computes their APs exactly, and the sums are all-reduced."""
-        from pipeline.eval.classify import average_precision
-
         k = self.cfg.model.num_classes
         scores = sums.get("scores", torch.zeros(0, k))
         targets = sums.get("targets", torch.zeros(0, k, dtype=torch.bool))
@@ -149,8 +150,6 @@ class Evaluator:
                  max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
         """(features, labels, the manifest's name) of the split's valid samples, every rank's share gathered and
         put in manifest order (the same arrays whatever the world size)."""
-        from pipeline.eval.fewshot import extract_features
-
         loader = self._loader(url)
         with self._autocast():
             feats, labels, index = extract_features(model, loader, self.dtype, self.device, self.cfg.data.augment,
@@ -165,8 +164,6 @@ class Evaluator:
     def fewshot(self, model: torch.nn.Module, pool: str, test: str, *, pool_batches: int | None = None,
                 test_batches: int | None = None, prefix: str | None = None, probe: bool = False) -> dict[str, float]:
         """Few-shot accuracies (rank 0; {} elsewhere): each rank embeds its share of both sets, rank 0 solves."""
-        from pipeline.eval.fewshot import fewshot_results, ridge_probe
-
         tr_x, tr_y, name = self.features(model, pool, pool_batches)
         te_x, te_y, _ = self.features(model, test, test_batches)
         if self.rank != 0:
@@ -240,11 +237,6 @@ class Evaluator:
         """Attention rollout on `images` (uint8), the position-embedding similarity and the confusion matrix, drawn
         by rank 0 from a plain copy of the model (ZeRO-3's partitions gathered first: every rank calls this); the
         PNGs' paths on rank 0 ([] elsewhere)."""
-        from pipeline.data.transforms import to_model_input
-        from pipeline.eval.plots import plot_attention_rollout, plot_confusion_matrix, plot_pos_embed_similarity
-        from pipeline.model import build_model
-        from pipeline.train.engine import full_parameters
-
         with full_parameters(model) as params:
             state = {n: p.detach().float().cpu().clone() for n, p in params.items()} if self.rank == 0 else None
         if self.rank != 0:

@@ -27,12 +27,24 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.data.loader import for_rank, merge_states
+from pipeline.data.loader import build_train_loader, for_rank, merge_states
 from pipeline.data.storage import Storage
 from pipeline.data.streams import BAD_DATA_NAMES, COUNTER_NAMES, TELEMETRY_NAMES
+from pipeline.data.transforms import to_model_input
+from pipeline.model import build_model
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.flops import forward_flops
+from pipeline.model.weights import check_state_dict
 from pipeline.tracking.console import progress_line, say
+from pipeline.tracking.sinks import build_sink
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.ema import ParamEMA
+from pipeline.train.engine import build_engine, compute_dtype, gradient_accumulation, load_universal
+from pipeline.train.evaluate import Evaluator
 from pipeline.train.hooks import LoopInfo, all_reduce_sum
+from pipeline.train.optim import param_groups
 from pipeline.train.spec import InitSpec, WorkerSpec
+from pipeline.train.throughput import mfu, peak_tflops
 
 __all__ = ["run_training", "run_evaluation", "compute_loss", "build_model_for", "batch_digest", "Interrupt"]
 
@@ -79,10 +91,6 @@ def build_model_for(cfg: RunConfig, init: InitSpec | None = None, *, load_init: 
     equal cfg.model's: the transfer driver adapts them first) and, with `init.freeze_backbone`, only `head.*`
     trainable. `load_init=False` builds the same architecture and frozen set without reading the weights (a
     restore overwrites them anyway)."""
-    from pipeline.model import build_model
-    from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.model.weights import check_state_dict
-
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     if init is None:
@@ -134,8 +142,6 @@ def _grad_norm(engine: Any) -> float | None:
 def _restored_state(restore_dir: str, rank: int, world_size: int) -> tuple[dict[str, Any], int]:
     """(this rank's training state, the checkpoint's world size). The loader state is every old rank's merged
     (pipeline.data.loader.merge_states): each new rank takes its own readers' positions from it, at any world size."""
-    from pipeline.train import checkpoint as ckpt
-
     first = ckpt.read_train_state(restore_dir, 0)
     old_world = int(first["world_size"])
     states = [first] + [ckpt.read_train_state(restore_dir, r) for r in range(1, old_world)]
@@ -154,17 +160,6 @@ def run_training(spec: WorkerSpec, *, rank: int, world_size: int, restore_dir: s
     `report(metrics, checkpoint_dir_or_None, step, before_marker=...)` is called by every rank at the same steps
     (see `Report`: it takes the checkpoint folder over). `interrupt()` is asked at every step (see `Interrupt`).
     Returns the last step's metrics with "step", "stopped" and, when interrupted, "interrupt"."""
-    from pipeline.data.loader import build_train_loader
-    from pipeline.data.transforms import to_model_input
-    from pipeline.model.flops import forward_flops
-    from pipeline.tracking.sinks import build_sink
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train.ema import ParamEMA
-    from pipeline.train.engine import build_engine, compute_dtype, gradient_accumulation, load_universal
-    from pipeline.train.evaluate import Evaluator
-    from pipeline.train.optim import param_groups
-    from pipeline.train.throughput import mfu, peak_tflops
-
     entered = time.perf_counter()
     cfg, tr, hooks = spec.config, spec.config.train, spec.hooks
     accum = gradient_accumulation(tr, world_size)
@@ -339,10 +334,6 @@ def run_evaluation(spec: WorkerSpec, *, rank: int, world_size: int, report: Repo
     device in the run's precision, each rank on its share of the splits: `spec.final_eval` on data.val (final/*)
     and `spec.fewshot_eval` (fewshot/<k>shot). Rank 0 logs the metrics to the run; every rank reports them (rank
     0's are the job's). Returns them."""
-    from pipeline.tracking.sinks import build_sink
-    from pipeline.train.engine import compute_dtype
-    from pipeline.train.evaluate import Evaluator
-
     cfg = spec.config
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
     dtype = compute_dtype(cfg.train.precision)

@@ -21,9 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
+from pipeline.config import RunConfig, validate
+from pipeline.data.manifest import load_dataset_spec
+from pipeline.data.storage import Storage
+from pipeline.errors import ConfigError, RunStopped
+from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
+from pipeline.lineage import lineage_tags
+from pipeline.model import build_model
+from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.model.config import ModelConfig, check_image_size
+from pipeline.model.ref import parse_model_uri
+from pipeline.model.weights import adapt_state_dict
+from pipeline.tracking.registry import download_checkpoint
+from pipeline.tracking.run import TrackedRun
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec
 from pipeline.transfer.config import TransferModelConfig, TransferRunConfig
 
@@ -101,13 +111,6 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     """Every check that can fail, in order of cost, before any worker starts: the source URI, the registry entry
     (name, version/alias, our checkpoint format), the resolution against the patch size, the datasets' manifests
     against the class count. Then the adapted initial checkpoint is written under `workdir/init`."""
-    from pipeline.data.manifest import load_dataset_spec
-    from pipeline.data.storage import Storage
-    from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
-    from pipeline.model.ref import parse_model_uri
-    from pipeline.model.weights import adapt_state_dict
-    from pipeline.tracking.registry import download_checkpoint
-
     uri = source or cfg.transfer.source
     if not uri:
         raise ConfigError("no source model: set transfer.source or pass --from models:/NAME@ALIAS")
@@ -128,7 +131,6 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
     if cfg.transfer.init == "random":  # the control: same architecture and task, none of the source's weights
         import torch
 
-        from pipeline.model import build_model
 
         torch.manual_seed(cfg.train.seed)
         adapted = build_model(model).state_dict()
@@ -145,8 +147,6 @@ def training_config(cfg: TransferRunConfig, model: ModelConfig, *, name: str | N
     """The RunConfig the training workers run for a transfer job (and for the demo's from-scratch baseline): the
     fine-tuning `model` with the job's data, train, scaling, storage and tracking sections. No few-shot sets and
     no registration in it: the job's driver evaluates and registers after training."""
-    from pipeline.config import validate
-
     tree = cfg.model_dump(mode="json")
     return validate(RunConfig, {
         "name": name or cfg.name,
@@ -191,11 +191,6 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     """The whole transfer job (see the module docstring). Bad input raises ConfigError/RegistryError before the
     tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
-    from pipeline.errors import RunStopped
-    from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
-    from pipeline.lineage import lineage_tags
-    from pipeline.tracking.run import TrackedRun
-
     own_tmp = tempfile.TemporaryDirectory(prefix="vitpipe-transfer-") if workdir is None else None
     workdir = Path(own_tmp.name if own_tmp else workdir)
     try:
