@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from pipeline.devcluster import NetnsError, Stack, StackError
+
 __all__ = ["register"]
 
 
@@ -58,9 +60,6 @@ def _reported(fn):
     """Stack and namespace failures are situations to explain, not tracebacks: print them, exit 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from pipeline.launch.netns import NetnsError
-        from pipeline.launch.stack import StackError
-
         try:
             return fn(args)
         except (StackError, NetnsError) as e:
@@ -72,14 +71,10 @@ def _reported(fn):
 
 
 def _load(args):
-    from pipeline.launch.stack import Stack
-
     return Stack.load(args.workdir)
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pipeline.launch.stack import Stack
-
     stack = Stack.up(
         args.workdir, nodes=args.nodes, subnet=args.subnet, s3_endpoint=args.s3_endpoint, bucket=args.bucket,
         ports={"ray": args.ray_port, "dashboard": args.dashboard_port, "s3": args.s3_port, "mlflow": args.mlflow_port},
@@ -96,8 +91,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from pipeline.launch.stack import StackError
-
     try:
         stack = _load(args)
     except StackError as e:
@@ -115,6 +108,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _env(args: argparse.Namespace) -> int:
+    # here, not at the top: pipeline.launch.submit loads the tracking and model code, which `--help` need not
     from pipeline.launch.submit import format_env
 
     print(format_env(_load(args).env()))

@@ -1,5 +1,5 @@
 """One share-nothing cluster for every test in this folder (started once, stopped after the last): a 4-node local
-stack (pipeline.launch.stack) whose nodes each have their own network namespace and their own private /tmp,
+stack (pipeline.devcluster) whose nodes each have their own network namespace and their own private /tmp,
 /dev/shm, HOME, Ray temp dir and working dir: a head that runs the jobs' drivers and takes no training workers,
 and three worker nodes of one CPU each. moto S3 and an `mlflow server` listen on the bridge. A path that only
 works on a shared disk fails here, as it would on a real cluster.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.devcluster import Stack
 from tests.cluster.support import source_files, vitpipe
 from tests.fixtures.ray_stack import multinode_available
 
@@ -31,8 +32,6 @@ def cluster(tmp_path_factory, shm_comm_op):
     reason = multinode_available()
     if reason:
         pytest.skip(reason)
-    from pipeline.launch.stack import Stack
-
     stack = Stack.up(tmp_path_factory.mktemp("cluster"), nodes=4, subnet=SUBNET, ports={"s3": 0, "mlflow": 0},
                      cpus_per_node=1, health_check=HEALTH_CHECK)
     try:

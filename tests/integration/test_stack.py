@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.launch.stack import Stack, StackError
+from pipeline.devcluster import Stack, StackError, netns
 from tests.fixtures.ray_stack import multinode_available
 
 pytestmark = pytest.mark.integration
@@ -129,8 +129,6 @@ def test_two_nodes_in_namespaces_and_cut_one(stack_factory, tmp_path):
     if reason:
         pytest.skip(reason)
     # what a killed session leaves behind: the kernel keeps its bridge and namespaces, with no process inside
-    from pipeline.launch import netns
-
     net = netns.Subnet("10.213.0.0/24")
     netns.create_bridge(net)
     netns.add_node(net, 0)

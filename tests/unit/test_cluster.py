@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.devcluster.netns import Subnet
 from pipeline.errors import ConfigError
 from pipeline.launch import submit as S
-from pipeline.launch.netns import Subnet
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

@@ -1,4 +1,4 @@
-"""Network namespaces for the local multi-node stack: one namespace per emulated node, joined by a bridge.
+"""Network namespaces for the multi-node development cluster: one namespace per emulated node, joined by a bridge.
 
 Each node gets a veth pair: one end inside its namespace with the node's address, the other end on a bridge in
 the root namespace that holds the subnet's first address (where S3 and MLflow listen). No default route is added
@@ -14,12 +14,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from pipeline.devcluster.errors import NetnsError
+
 __all__ = ["NetnsError", "Subnet", "check_available", "create_bridge", "add_node", "set_link", "link_is_up",
            "ns_pids", "leftovers", "remove_node", "remove_bridge", "exec_prefix", "list_namespaces"]
-
-
-class NetnsError(RuntimeError):
-    """A namespace/link operation failed; the message carries the `ip` command and its error."""
 
 
 @dataclass(frozen=True)
