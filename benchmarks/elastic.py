@@ -186,7 +186,7 @@ def main() -> None:
     from pipeline.data.config import StorageConfig
     from pipeline.data.shards import write_shards
     from pipeline.data.sources import IdxSource
-    from pipeline.devcluster import Stack
+    from pipeline.devstack import Stack
     from tests.cluster.support import source_files
 
     build_shm_op()  # built once on the host and given to the nodes (each building its own: minutes on two cores)

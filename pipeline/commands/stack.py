@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from pipeline.devcluster import NetnsError, Stack, StackError
+from pipeline.devstack import NetnsError, Stack, StackError
 
 __all__ = ["register"]
 

@@ -1,5 +1,5 @@
 """One share-nothing cluster for every test in this folder (started once, stopped after the last): a 4-node local
-stack (pipeline.devcluster) whose nodes each have their own network namespace and their own private /tmp,
+stack (pipeline.devstack) whose nodes each have their own network namespace and their own private /tmp,
 /dev/shm, HOME, Ray temp dir and working dir: a head that runs the jobs' drivers and takes no training workers,
 and three worker nodes of one CPU each. moto S3 and an `mlflow server` listen on the bridge. A path that only
 works on a shared disk fails here, as it would on a real cluster.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.devcluster import Stack
+from pipeline.devstack import Stack
 from tests.cluster.support import source_files, vitpipe
 from tests.fixtures.ray_stack import multinode_available
 

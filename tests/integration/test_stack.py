@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.devcluster import Stack, StackError, netns
+from pipeline.devstack import Stack, StackError, netns
 from tests.fixtures.ray_stack import multinode_available
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.devcluster.netns import Subnet
+from pipeline.devstack.netns import Subnet
 from pipeline.errors import ConfigError
 from pipeline.launch import submit as S
 

@@ -8,7 +8,7 @@ started. Every import counts: top-level, inside a function, under `if TYPE_CHECK
   2 model, data
   3 eval, tracking
   4 train
-  5 launch, devcluster, capacity, reference: Ray, the development cluster, sizing, the paper's reference runs
+  5 launch, devstack, capacity, reference: Ray, the development cluster, sizing, the paper's reference runs
   6 jobs       pretrain, transfer, lineage: what one job does, start to end
   7 commands   commands, cli: the command line
 
@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model, data", ["pipeline.model.*", "pipeline.data.*"]),
     ("eval, tracking", ["pipeline.eval.*", "pipeline.tracking.*"]),
     ("train", ["pipeline.train.*"]),
-    ("launch", ["pipeline.launch.*", "pipeline.devcluster.*", "pipeline.capacity", "pipeline.reference"]),
+    ("launch", ["pipeline.launch.*", "pipeline.devstack.*", "pipeline.capacity", "pipeline.reference"]),
     ("jobs", ["pipeline.pretrain", "pipeline.transfer.*", "pipeline.lineage"]),
     ("commands", ["pipeline.commands.*", "pipeline.commands.config", "pipeline.cli", "pipeline.demo"]),
 ]

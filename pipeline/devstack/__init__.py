@@ -22,8 +22,8 @@ is on, with a per-stack token file (never printed).
 
 from __future__ import annotations
 
-from pipeline.devcluster.errors import NetnsError, StackError
-from pipeline.devcluster.services import MOTO_CREDENTIALS
-from pipeline.devcluster.stack import DEFAULT_PORTS, STATE_DIRNAME, Stack
+from pipeline.devstack.errors import NetnsError, StackError
+from pipeline.devstack.services import MOTO_CREDENTIALS
+from pipeline.devstack.stack import DEFAULT_PORTS, STATE_DIRNAME, Stack
 
 __all__ = ["Stack", "StackError", "NetnsError", "STATE_DIRNAME", "DEFAULT_PORTS", "MOTO_CREDENTIALS"]

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
-from pipeline.devcluster.errors import StackError
-from pipeline.devcluster.processes import Proc, write_state
-from pipeline.devcluster.services import service_env
+from pipeline.devstack.errors import StackError
+from pipeline.devstack.processes import Proc, write_state
+from pipeline.devstack.services import service_env
 
 __all__ = ["StackState", "STATE_DIRNAME"]
 

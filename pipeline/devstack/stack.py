@@ -17,13 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.devcluster import netns
-from pipeline.devcluster.errors import StackError
-from pipeline.devcluster.nodes import NODE_ENV, enter_node, node_env, ray_nodes, ray_start_command, remove_namespaces
-from pipeline.devcluster.ports import http_ok, resolve_ports
-from pipeline.devcluster.processes import Proc, alive, kill_matching, spawn, stop, wait_for
-from pipeline.devcluster.services import ensure_bucket, mlflow_command, mlflow_env, moto_command
-from pipeline.devcluster.state import STATE_DIRNAME, StackState
+from pipeline.devstack import netns
+from pipeline.devstack.errors import StackError
+from pipeline.devstack.nodes import NODE_ENV, enter_node, node_env, ray_nodes, ray_start_command, remove_namespaces
+from pipeline.devstack.ports import http_ok, resolve_ports
+from pipeline.devstack.processes import Proc, alive, kill_matching, spawn, stop, wait_for
+from pipeline.devstack.services import ensure_bucket, mlflow_command, mlflow_env, moto_command
+from pipeline.devstack.state import STATE_DIRNAME, StackState
 
 __all__ = ["Stack", "STATE_DIRNAME", "DEFAULT_PORTS"]
 

@@ -6,7 +6,7 @@ import socket
 import urllib.error
 import urllib.request
 
-from pipeline.devcluster.errors import StackError
+from pipeline.devstack.errors import StackError
 
 __all__ = ["resolve_ports", "port_free", "free_port", "http_ok"]
 

@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.devcluster import netns
-from pipeline.devcluster.errors import StackError
-from pipeline.devcluster.ports import free_port
-from pipeline.devcluster.processes import BIN, kill_pid
+from pipeline.devstack import netns
+from pipeline.devstack.errors import StackError
+from pipeline.devstack.ports import free_port
+from pipeline.devstack.processes import BIN, kill_pid
 
 __all__ = ["NODE_WORKDIR", "NODE_RAY_TEMP", "NODE_TOKEN", "NODE_ENV", "shared_paths", "node_env",
            "ray_start_command", "ray_nodes", "enter_node", "remove_namespaces"]

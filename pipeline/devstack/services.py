@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.devcluster.processes import BIN
+from pipeline.devstack.processes import BIN
 
 __all__ = ["MOTO_CREDENTIALS", "service_env", "moto_command", "mlflow_command", "mlflow_env", "ensure_bucket"]
 

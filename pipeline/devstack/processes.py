@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.devcluster import netns
-from pipeline.devcluster.errors import StackError
+from pipeline.devstack import netns
+from pipeline.devstack.errors import StackError
 
 # psutil is imported where it is used: `vitpipe --help` imports this package and need not pay for it.
 

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from pipeline.devcluster.errors import NetnsError
+from pipeline.devstack.errors import NetnsError
 
 __all__ = ["NetnsError", "Subnet", "check_available", "create_bridge", "add_node", "set_link", "link_is_up",
            "ns_pids", "leftovers", "remove_node", "remove_bridge", "exec_prefix", "list_namespaces"]
