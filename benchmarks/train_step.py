@@ -146,7 +146,7 @@ def _shift(ends: list[float], excluded: list[float]) -> list[float]:
 
 
 def hand_step_s(args, data: str) -> dict:
-    from pipeline.launch.driver import connect_ray
+    from pipeline.launch.fanout import connect_ray
 
     connect_ray()
     import ray.train

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, load_config
 from pipeline.eval.fewshot import ridge_probe
-from pipeline.launch.driver import connect_ray
+from pipeline.launch.fanout import connect_ray
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import metric_history, ui_url

@@ -17,7 +17,8 @@ from typing import Any
 
 from pipeline.config import RunConfig, config_hash
 from pipeline.errors import ConfigError, RunStopped
-from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_store
+from pipeline.launch.driver import check_cluster, fit, preflight, run_store
+from pipeline.launch.fanout import connect_ray
 from pipeline.tracking.run import TrackedRun, flatten_params
 from pipeline.train.hooks import TrainHooks
 

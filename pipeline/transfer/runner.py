@@ -191,7 +191,8 @@ def run_transfer(cfg: TransferRunConfig, *, source: str | None = None, workdir: 
     tracked run or any worker exists; a stop (SIGTERM, `vitpipe jobs stop`) raises RunStopped (run KILLED). Every
     evaluation (the fine-tune's final one with its pictures, the fewshot mode) runs in the workers."""
     from pipeline.errors import RunStopped
-    from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
+    from pipeline.launch.driver import check_cluster, evaluate, fit, preflight, run_store
+    from pipeline.launch.fanout import connect_ray
     from pipeline.tracking.registry import lineage_tags
     from pipeline.tracking.run import TrackedRun
 

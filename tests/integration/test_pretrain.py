@@ -56,7 +56,7 @@ def datasets(buckets, s3_server):
 def ray_cluster(s3_server):
     """A local Ray on 127.0.0.1, started after the S3 server so workers inherit its environment. Shared: later
     modules that call connect_ray() reuse it."""
-    from pipeline.launch.driver import connect_ray
+    from pipeline.launch.fanout import connect_ray
 
     connect_ray()
     yield
