@@ -48,7 +48,7 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import Manifest, load_dataset_spec
 from pipeline.data.shards import iter_tar_samples
-from pipeline.data.storage import Storage, get_filesystem, open_url, parent_url, url_join
+from pipeline.data.storage import Storage, open_url, parent_url, url_join, write_atomic
 from pipeline.data.transforms import IMAGE_KEYS
 
 __all__ = ["EXCLUDE_NAME", "EXCLUDE_FORMAT", "HASH_KIND", "DEFAULT_THRESHOLD", "VIEWS", "HashIndex", "Exclusions",
@@ -282,20 +282,6 @@ def _map(fn: Callable, calls: list[tuple], *, use_ray: bool, progress: bool, des
         return [results[i] for i in range(len(calls))]
 
 
-def _write_json(url: str, doc: dict, storage: StorageConfig) -> None:
-    """One PUT on object stores (visible whole or not at all); write-then-rename on local disks."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    blob = json.dumps(doc, indent=1).encode()
-    fs, path = get_filesystem(url, storage)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fs.pipe_file(tmp, blob)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, blob)
-
-
 def _load_against(specs: list[str], storage: StorageConfig) -> list[Manifest]:
     out = []
     for spec in specs:
@@ -371,7 +357,7 @@ def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     url = url_join(parent_url(m.url), EXCLUDE_NAME)
-    _write_json(url, doc, storage)
+    write_atomic(url, json.dumps(doc, indent=1).encode(), storage)
     log.info("%d of %d samples of %s excluded -> %s", len(excluded), doc["scanned"]["samples"], m.url, url)
     return {"url": url, "num_excluded": len(excluded), "scanned": doc["scanned"], "against": doc["against"]}
 

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, load_dataset_spec
 from pipeline.data.sources import ArraySource, Source, SourceItem, json_bytes, png_bytes
-from pipeline.data.storage import HashingWriter, Storage, digest, get_filesystem, open_url, url_join
+from pipeline.data.storage import HashingWriter, Storage, digest, get_filesystem, open_url, url_join, write_atomic
 from pipeline.data.tar import iter_members
 
 __all__ = ["EncodeOptions", "write_shards", "write_array_shards", "iter_tar_samples", "verify_shards",
@@ -105,19 +105,6 @@ def _record_url(dest: str, shard: str) -> str:
     return url_join(dest, f"{PROGRESS_DIR}/{shard}.json")
 
 
-def _put_atomic(url: str, blob: bytes, storage: StorageConfig) -> None:
-    """One PUT on object stores (an object appears whole or not at all), write-then-rename on local disks."""
-    fs, path = get_filesystem(url, storage)
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        tmp = path + ".tmp"
-        fs.pipe_file(tmp, blob)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, blob)
-
-
 def _read_json(url: str, storage: StorageConfig) -> dict[str, Any] | None:
     """The JSON object at `url`, or None when there is none."""
     fs, path = get_filesystem(url, storage)
@@ -158,7 +145,7 @@ def _write_one_shard(source: Source, start: int, stop: int, dest: str, shard: st
     info = {"url": shard, "samples": written, "bytes": sink.bytes, "sha256": sink.digest()["sha256"],
             "skipped": skipped}
     # Only after close(): on S3 that is when the object exists (object stores have no rename to commit with).
-    _put_atomic(_record_url(dest, shard), json.dumps({**info, "start": start, "stop": stop, "plan": plan_id}).encode(),
+    write_atomic(_record_url(dest, shard), json.dumps({**info, "start": start, "stop": stop, "plan": plan_id}).encode(),
                 storage)
     return info
 
@@ -214,7 +201,7 @@ def _estimate_samples_per_shard(source: Source, opts: EncodeOptions, shard_bytes
 def write_manifest(dest: str, manifest: dict[str, Any], storage: StorageConfig) -> str:
     """Writes manifest.json atomically: one PUT on object stores, write-then-rename on local disks."""
     url = url_join(dest, MANIFEST_NAME)
-    _put_atomic(url, json.dumps(manifest, indent=1).encode(), storage)
+    write_atomic(url, json.dumps(manifest, indent=1).encode(), storage)
     return url
 
 
@@ -317,7 +304,7 @@ def _settle_plan(source: Source, dest: str, *, name: str, split: str, prefix: st
         _discard_progress(dest, storage)  # left over if the writer stopped right after the manifest
         return None
     if recorded is None:
-        _put_atomic(plan_url, json.dumps({"format": PROGRESS_FORMAT, **plan}, indent=1).encode(), storage)
+        write_atomic(plan_url, json.dumps({"format": PROGRESS_FORMAT, **plan}, indent=1).encode(), storage)
         return plan
     diff = _plan_mismatch(recorded, plan)
     if diff:
