@@ -307,7 +307,7 @@ def main() -> int:
     args = p.parse_args()
 
     if not args.skip_speed:
-        from pipeline.data.shards import write_shards
+        from pipeline.data.writer import write_shards
 
         tmp = tempfile.mkdtemp(prefix="vitpipe-bench-step-")
         data = write_shards(JpegSource(make_jpegs(args.images, (48, 48))), f"{tmp}/ds", samples_per_shard=128,

@@ -162,7 +162,7 @@ def _existing(dest: Path, name: str, samples: int) -> str | None:
 
 
 def _write(source: Any, dest: Path, *, name: str, split: str, per_shard: int, say: Callable[[str], None]) -> str:
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer import write_shards
 
     url = _existing(dest, name, len(source))
     if url:

@@ -37,7 +37,7 @@ def buckets(s3_server):
 
 @pytest.fixture(scope="module")
 def datasets(buckets, s3_server):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from tests.fixtures.s3 import make_storage_config
 
     storage = make_storage_config(s3_server)
