@@ -63,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_shards
-    from pipeline.launch.driver import connect_ray
+    from pipeline.data.writer import write_shards
+    from pipeline.launch.fanout import connect_ray
 
     jpegs = make_jpegs(args.images, tuple(args.jpeg_size))
     runs_dir = Path(tempfile.mkdtemp(prefix="vitpipe-bench-wait-"))

@@ -184,8 +184,8 @@ def main() -> None:
     from deepspeed.comm.torch import build_shm_op
 
     from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_shards
     from pipeline.data.sources import IdxSource
+    from pipeline.data.writer import write_shards
     from pipeline.devstack import Stack
     from tests.cluster.support import source_files
 

@@ -91,7 +91,7 @@ def check_mfu(t: Table, args) -> None:
 def _shards(root: Path, n: int, size: int, seed: int) -> str:
     import numpy as np
 
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n)
@@ -172,7 +172,7 @@ def check_decode(t: Table, args, urls: dict) -> None:
     from pipeline.data.config import DataConfig
     from pipeline.data.loader import TrainLoader
     from pipeline.data.manifest import load_dataset_spec
-    from pipeline.data.shards import iter_tar_samples
+    from pipeline.data.samples import iter_tar_samples
     from pipeline.data.storage import Storage, open_url
     from pipeline.data.transforms import IMAGE_KEYS, decode_batch, decode_image
 

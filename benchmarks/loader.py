@@ -106,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer import write_shards
 
     jpegs = make_jpegs(args.images)
     print(f"{len(jpegs)} JPEGs 500x375 q90, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB; "

@@ -146,7 +146,7 @@ def _shift(ends: list[float], excluded: list[float]) -> list[float]:
 
 
 def hand_step_s(args, data: str) -> dict:
-    from pipeline.launch.driver import connect_ray
+    from pipeline.launch.fanout import connect_ray
 
     connect_ray()
     import ray.train
@@ -307,7 +307,7 @@ def main() -> int:
     args = p.parse_args()
 
     if not args.skip_speed:
-        from pipeline.data.shards import write_shards
+        from pipeline.data.writer import write_shards
 
         tmp = tempfile.mkdtemp(prefix="vitpipe-bench-step-")
         data = write_shards(JpegSource(make_jpegs(args.images, (48, 48))), f"{tmp}/ds", samples_per_shard=128,

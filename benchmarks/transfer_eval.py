@@ -52,7 +52,7 @@ def main() -> int:
     import torch.multiprocessing as mp
 
     from pipeline.config import load_config
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from pipeline.launch.local import free_port
     from pipeline.model import build_model
     from pipeline.model.checkpoint import save_checkpoint

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import yaml
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.commands.shards import add_write_args, run_write
+    from pipeline.launch.fanout import connect_ray
 
     parser = argparse.ArgumentParser(prog="jobs.make_shards", description=__doc__.splitlines()[0])
     add_write_args(parser)
@@ -47,16 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             argv = yaml_to_argv(argv[0])
         args = parser.parse_args(argv)
         args.ray = True
-        if not os.environ.get("RAY_ADDRESS"):
-            # Must precede `import ray`: keeps a local Ray on 127.0.0.1 (see shared/ENVIRONMENT.md).
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(address=os.environ["RAY_ADDRESS"])
-            else:
-                ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        connect_ray(num_cpus=args.num_cpus)  # $RAY_ADDRESS, else a local Ray on 127.0.0.1
         return run_write(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"make_shards job: {e}", file=sys.stderr)

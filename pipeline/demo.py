@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.config import RunConfig, load_config
 from pipeline.eval.fewshot import ridge_probe
-from pipeline.launch.driver import connect_ray
+from pipeline.launch.fanout import connect_ray
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import metric_history, ui_url
@@ -162,7 +162,7 @@ def _existing(dest: Path, name: str, samples: int) -> str | None:
 
 
 def _write(source: Any, dest: Path, *, name: str, split: str, per_shard: int, say: Callable[[str], None]) -> str:
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer import write_shards
 
     url = _existing(dest, name, len(source))
     if url:

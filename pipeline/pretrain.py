@@ -18,7 +18,8 @@ from typing import Any
 from pipeline.config import RunConfig, config_hash
 from pipeline.data.manifest import load_dataset_spec
 from pipeline.errors import ConfigError, RunStopped
-from pipeline.launch.driver import check_cluster, connect_ray, fit, preflight, run_store
+from pipeline.launch.driver import check_cluster, fit, preflight, run_store
+from pipeline.launch.fanout import connect_ray
 from pipeline.lineage import lineage_tags
 from pipeline.tracking.run import TrackedRun, flatten_params
 from pipeline.train.engine import deepspeed_config

@@ -1,11 +1,17 @@
 """`vitpipe shards write|inspect|verify|dedup`: turn an image source into tar shards + manifest, look at them, check
-them, and exclude the near-duplicates of downstream test images from a pretraining set."""
+them, and exclude the near-duplicates of downstream test images from a pretraining set. With `--ray`, the writer and
+de-duplication get pipeline.launch.fanout's `ray_map` as their `map`. The data modules (numpy, fsspec, pydantic, ...)
+are imported inside the commands, so that `vitpipe --help` stays fast."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+
+from pipeline.data.maps import local_map
+from pipeline.launch.fanout import ray_map
 
 __all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write", "run_dedup"]
 
@@ -83,8 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_write(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import EncodeOptions, write_shards
+    from pipeline.data.samples import EncodeOptions
     from pipeline.data.sources import open_source
+    from pipeline.data.writer import write_shards
 
     storage = storage_from_args(args)
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
@@ -93,15 +100,22 @@ def run_write(args: argparse.Namespace) -> int:
                            raw_format=args.raw_format)
     url = write_shards(source, args.dest, name=args.name, split=args.split, prefix=args.prefix,
                        samples_per_shard=args.samples_per_shard, shard_bytes=int(args.shard_bytes), encode=encode,
-                       storage=storage, use_ray=args.ray, ray_tasks=args.ray_tasks, progress=not args.no_progress,
-                       overwrite=args.overwrite)
+                       storage=storage, map=_write_map(args), progress=not args.no_progress, overwrite=args.overwrite)
     print(url)
     return 0
 
 
+def _write_map(args: argparse.Namespace):
+    """`--ray`: the shards dealt into --ray-tasks tasks (default, and with 0: 2 x the cluster's CPUs); else None, the
+    writer's own loop here."""
+    if not args.ray:
+        return None
+    return functools.partial(ray_map, max_tasks=args.ray_tasks or None, per_cpu=2)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.data.manifest import load_dataset_spec
-    from pipeline.data.shards import iter_tar_samples
+    from pipeline.data.samples import iter_tar_samples
     from pipeline.data.storage import Storage, open_url
 
     storage = storage_from_args(args)
@@ -121,7 +135,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import verify_shards
+    from pipeline.data.verify import verify_shards
 
     problems = verify_shards(args.dataset, storage_from_args(args), count_samples=not args.no_count)
     for p in problems:
@@ -137,8 +151,8 @@ def run_dedup(args: argparse.Namespace) -> int:
     from pipeline.data.dedup import DEFAULT_THRESHOLD, dedup
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    out = dedup(args.dataset, args.against, storage_from_args(args), threshold=threshold, use_ray=args.ray,
-                progress=not args.no_progress)
+    out = dedup(args.dataset, args.against, storage_from_args(args), threshold=threshold,
+                map=ray_map if args.ray else local_map, progress=not args.no_progress)
     for t in out["against"]:
         print(f"{t['url']}: {t['images']} test images, {t['excluded']} pretraining samples matched"
               + (f" ({t['unreadable_images']} undecodable test images)" if t["unreadable_images"] else ""))

@@ -22,7 +22,7 @@ Matching is a vectorised Hamming distance (XOR + popcount over packed uint64 wor
 images against every view of every test image: test sets are <= 100k images, so the index is at most ~29 MB and a
 brute-force pass costs ~4 ms per scanned image on one core at 100k test images (~0.5 ms at 10k; the decode and
 hash of a scanned image ~0.3-1 ms). Shards are streamed (one sample in memory at a time) through
-pipeline.data.storage, serially or as one Ray task per shard.
+pipeline.data.storage, one call of a `map` per shard (pipeline.data.maps: here, or one Ray task per shard).
 
 The exclusion list is `exclude.json` in the pretraining manifest's folder, written atomically; a rerun replaces it
 (to exclude several test sets, name them all in one run). It records the manifest's sha256, the test sets, the hash
@@ -38,17 +38,17 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import Manifest, load_dataset_spec
-from pipeline.data.shards import iter_tar_samples
-from pipeline.data.storage import Storage, get_filesystem, open_url, parent_url, url_join
+from pipeline.data.maps import Map, local_map
+from pipeline.data.samples import iter_tar_samples
+from pipeline.data.storage import Storage, open_url, parent_url, url_join, write_atomic
 from pipeline.data.transforms import IMAGE_KEYS
 
 __all__ = ["EXCLUDE_NAME", "EXCLUDE_FORMAT", "HASH_KIND", "DEFAULT_THRESHOLD", "VIEWS", "HashIndex", "Exclusions",
@@ -245,57 +245,6 @@ def scan_shard(url: str, storage: StorageConfig, index: HashIndex) -> dict[str, 
     return {"matches": matches, "samples": samples, "unreadable": unreadable}
 
 
-def _map(fn: Callable, calls: list[tuple], *, use_ray: bool, progress: bool, desc: str, shared: Any = None
-         ) -> list[Any]:
-    """fn(*call[, shared]) for each call, in order: here one after the other, or as one Ray task per call with
-    `shared` put in the object store once."""
-    from tqdm.auto import tqdm
-
-    extra = () if shared is None else (shared,)
-    with tqdm(total=len(calls), unit="shard", desc=desc, disable=not progress) as bar:
-        if not use_ray:
-            out = []
-            for call in calls:
-                out.append(fn(*call, *extra))
-                bar.update(1)
-            return out
-        if not os.environ.get("RAY_ADDRESS"):
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: stay on 127.0.0.1
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-        remote = ray.remote(fn)
-        extra = () if shared is None else (ray.put(shared),)
-        pending = {remote.remote(*call, *extra): i for i, call in enumerate(calls)}
-        results: dict[int, Any] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                try:
-                    results[pending.pop(ref)] = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # an unreadable shard: its one-line message, not the task's
-                    if isinstance(e.cause, ValueError):
-                        raise e.cause from None
-                    raise
-                bar.update(1)
-        return [results[i] for i in range(len(calls))]
-
-
-def _write_json(url: str, doc: dict, storage: StorageConfig) -> None:
-    """One PUT on object stores (visible whole or not at all); write-then-rename on local disks."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    blob = json.dumps(doc, indent=1).encode()
-    fs, path = get_filesystem(url, storage)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fs.pipe_file(tmp, blob)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, blob)
-
-
 def _load_against(specs: list[str], storage: StorageConfig) -> list[Manifest]:
     out = []
     for spec in specs:
@@ -307,10 +256,11 @@ def _load_against(specs: list[str], storage: StorageConfig) -> list[Manifest]:
 
 
 def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None, *,
-          threshold: int = DEFAULT_THRESHOLD, use_ray: bool = False, progress: bool = True) -> dict[str, Any]:
+          threshold: int = DEFAULT_THRESHOLD, map: Map = local_map, progress: bool = True) -> dict[str, Any]:
     """Finds the samples of `dataset` (a manifest) that are near-duplicates of an image of any `against` test set and
-    writes `exclude.json` next to its manifest. Every manifest is read before any image is. Returns a summary with
-    the list's "url". See the module docstring."""
+    writes `exclude.json` next to its manifest. Every manifest is read before any image is. Each shard is one call
+    of `map` (here, one after another; `pipeline.launch.fanout.ray_map` for `--ray`), the index shipped once as its
+    `shared` argument. Returns a summary with the list's "url". See the module docstring."""
     import imagehash
 
     storage = storage or StorageConfig()
@@ -328,7 +278,7 @@ def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None
             raise ValueError(f"dedup: test set {spec} is the pretraining dataset itself")
 
     test_shards = [(url, storage) for t in tests for url in t.shards]
-    hashed = _map(hash_test_shard, test_shards, use_ray=use_ray, progress=progress, desc="hashing test sets")
+    hashed = map(hash_test_shard, test_shards, desc="hashing test sets", progress=progress)
     test_keys: list[tuple[int, str]] = []  # (test set, key) per test image row
     per_set_unreadable = [0] * len(tests)
     shard_set = [i for i, t in enumerate(tests) for _ in t.shards]
@@ -343,8 +293,8 @@ def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None
     index = HashIndex.from_views(all_views, threshold)
     log.info("indexed %d test images (%d hashes) from %d test set(s)", len(all_views), len(index), len(tests))
 
-    scans = _map(scan_shard, [(url, storage) for url in m.shards], use_ray=use_ray, progress=progress,
-                 desc=f"scanning {m.name or m.url}", shared=index)
+    scans = map(scan_shard, [(url, storage) for url in m.shards], desc=f"scanning {m.name or m.url}",
+                progress=progress, shared=index)
     offsets = np.concatenate([[0], np.cumsum(m.samples_per_shard)[:-1]])
     shard_names = [s["url"] for s in m.raw["shards"]]
     excluded = []
@@ -371,7 +321,7 @@ def dedup(dataset: str, against: list[str], storage: StorageConfig | None = None
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     url = url_join(parent_url(m.url), EXCLUDE_NAME)
-    _write_json(url, doc, storage)
+    write_atomic(url, json.dumps(doc, indent=1).encode(), storage)
     log.info("%d of %d samples of %s excluded -> %s", len(excluded), doc["scanned"]["samples"], m.url, url)
     return {"url": url, "num_excluded": len(excluded), "scanned": doc["scanned"], "against": doc["against"]}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 from pipeline.data.config import StorageConfig
@@ -40,6 +41,7 @@ __all__ = [
     "download",
     "HashingWriter",
     "digest",
+    "write_atomic",
     "url_join",
     "io_counters",
     "ReadAhead",
@@ -424,6 +426,19 @@ def digest(url: str | Path, storage: StorageConfig | None = None) -> dict[str, A
             sha.update(chunk)
             size += len(chunk)
     return {"size": size, "sha256": sha.hexdigest()}
+
+
+def write_atomic(url: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Writes a small object so that a reader sees the old one or the whole new one, never a part: one PUT on object
+    stores (an object appears whole or not at all), write-then-rename on local disks (the temporary name carries
+    the process id, so two writers never share one)."""
+    fs, path = get_filesystem(url, storage)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def url_join(base: str, name: str) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.data.config import DataConfig
 from pipeline.data.epochs import Segment
-from pipeline.data.shards import iter_tar_samples
+from pipeline.data.samples import iter_tar_samples
 from pipeline.data.storage import ReadAhead, Storage, io_counters
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_image
 

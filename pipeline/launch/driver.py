@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.launch.checks import SHARED_STORAGE_HINT, check_storage, check_world_sizes
 from pipeline.launch.config import is_node_local
 from pipeline.launch.elastic import CommitRequest, resize_gate
+from pipeline.launch.fanout import connect_ray
 from pipeline.launch.stop import StopSignal, on_sigterm, torch_config
 from pipeline.launch.worker import EVALUATION_FILE, eval_worker, train_worker
 from pipeline.tracking.sinks import RunRef
@@ -30,7 +31,7 @@ from pipeline.train.runstore import RunStore
 from pipeline.train.spec import FewshotEval, FinalEval, InitSpec, WorkerSpec
 
 __all__ = [
-    "FitResult", "connect_ray", "cluster_nodes", "run_url", "run_store", "ray_storage", "preflight",
+    "FitResult", "cluster_nodes", "run_url", "run_store", "ray_storage", "preflight",
     "check_cluster", "worker_env", "build_trainer", "fit", "finish_fit", "evaluate",
 ]
 
@@ -52,27 +53,6 @@ class FitResult:
     stopped: bool = False              # a stop request ended training early, after a committed checkpoint
     reason: str | None = None          # what asked for the stop
     metrics: dict[str, Any] = field(default_factory=dict)  # the last step's reported metrics
-
-
-def connect_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Connects to `address` / $RAY_ADDRESS, or starts a local single-node Ray bound to 127.0.0.1; a Ray already
-    initialised in this process is used as it is. `log_to_driver`: the workers' output is printed here too."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # Ray picks the eth0 address for its services and MASTER_ADDR unless told it runs a local-only node; its
-        # child processes read the variable at start, this process's Ray read it at import (maybe already done).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return
-    import ray._private.ray_constants as ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def cluster_nodes() -> int:

@@ -25,7 +25,8 @@ from pipeline.config import RunConfig, validate
 from pipeline.data.manifest import load_dataset_spec
 from pipeline.data.storage import Storage
 from pipeline.errors import ConfigError, RunStopped
-from pipeline.launch.driver import check_cluster, connect_ray, evaluate, fit, preflight, run_store
+from pipeline.launch.driver import check_cluster, evaluate, fit, preflight, run_store
+from pipeline.launch.fanout import connect_ray
 from pipeline.lineage import lineage_tags
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint

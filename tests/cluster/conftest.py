@@ -43,9 +43,9 @@ def cluster(tmp_path_factory, shm_comm_op):
 @pytest.fixture(scope="package")
 def datasets(cluster, tmp_path_factory):
     from pipeline.data.config import StorageConfig
-    from pipeline.data.shards import write_shards
     from pipeline.data.sources import IdxSource
     from pipeline.data.storage import get_filesystem
+    from pipeline.data.writer import write_shards
 
     env = cluster.env()
     files = source_files(tmp_path_factory.mktemp("sources"))

@@ -91,6 +91,6 @@ def test_make_shards_ray_job(image_folder, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == f"{dest}/manifest.json"
     m = load_dataset_spec(str(dest))
     assert m.num_samples == 18 and m.num_shards == 5 and m.raw["writer"]["ray"] is True
-    from pipeline.data.shards import verify_shards
+    from pipeline.data.verify import verify_shards
 
     assert verify_shards(m) == []

@@ -12,8 +12,8 @@ import torch
 
 from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader, build_train_loader
-from pipeline.data.shards import write_array_shards
 from pipeline.data.storage import Storage, get_filesystem
+from pipeline.data.writer import write_array_shards
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ from pipeline.cli import main
 from pipeline.data.config import DataConfig
 from pipeline.data.dedup import EXCLUDE_NAME, HASH_KIND
 from pipeline.data.loader import build_train_loader
-from pipeline.data.shards import write_array_shards, write_shards
 from pipeline.data.sources import Source, SourceItem, png_bytes, read_idx
 from pipeline.data.storage import Storage, get_filesystem
+from pipeline.data.writer import write_array_shards, write_shards
 
 pytestmark = pytest.mark.integration
 

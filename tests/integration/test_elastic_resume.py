@@ -35,7 +35,7 @@ def elastic(ranks1, ranks2, ranks3, tmp_path_factory):
     """run(stage, world) -> (cfg, records per rank): the 2-rank reference (world 2) or its step-2 checkpoint
     continued on `world` ranks; each trained once per module."""
     from pipeline.config import load_config
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     root = tmp_path_factory.mktemp("elastic")
     images, labels = synthetic(SAMPLES, 5)

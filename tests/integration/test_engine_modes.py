@@ -30,7 +30,7 @@ STEPS = 6
 def shards(tmp_path_factory):
     """Local shards: 128 learnable 16 px images (16 per shard), a 64-image set that is one global batch, and the
     128 images again with multi-hot labels (their class plus, for half of them, the next one)."""
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     root = tmp_path_factory.mktemp("engine-data")
     names = [str(i) for i in range(CLASSES)]

@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from pipeline.model import build_model
     from pipeline.model.checkpoint import save_checkpoint
 
@@ -102,8 +102,8 @@ def test_multi_label_map_and_prec1_match_sklearn_on_one_and_two_ranks(setup, ran
     from sklearn.metrics import average_precision_score
 
     from pipeline.data.loader import build_loader
-    from pipeline.data.shards import write_array_shards
     from pipeline.data.transforms import to_model_input
+    from pipeline.data.writer import write_array_shards
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
     from pipeline.tracking.sinks import RunRef

@@ -37,7 +37,7 @@ def buckets(s3_server):
 
 @pytest.fixture(scope="module")
 def datasets(buckets, s3_server):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from tests.fixtures.s3 import make_storage_config
 
     storage = make_storage_config(s3_server)
@@ -56,7 +56,7 @@ def datasets(buckets, s3_server):
 def ray_cluster(s3_server):
     """A local Ray on 127.0.0.1, started after the S3 server so workers inherit its environment. Shared: later
     modules that call connect_ray() reuse it."""
-    from pipeline.launch.driver import connect_ray
+    from pipeline.launch.fanout import connect_ray
 
     connect_ray()
     yield

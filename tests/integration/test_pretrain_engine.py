@@ -38,7 +38,7 @@ def process_group():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)

@@ -185,7 +185,7 @@ def test_killed_write_resumed_as_ray_tasks(fault_ray, big_folder, reference, tmp
     store = _Local(tmp_path / "photos" / "train")
     done = _write_and_kill(_args(big_folder, store.url), store.records, tmp_path / "killed.log")
     stamps = store.stamps(done)
-    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+    with caplog.at_level("INFO", logger="pipeline.data"):
         assert main(_args(big_folder, store.url, "--ray", "--ray-tasks", "2")) == 0
     assert f"{len(done)} recorded shards verified and kept, 0 rewritten (damaged), {SHARDS - len(done)} to write" \
         in caplog.text

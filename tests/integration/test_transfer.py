@@ -33,7 +33,7 @@ def _digits(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def digits(s3_server, s3_bucket_module):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from tests.fixtures.s3 import make_storage_config
 
     storage = make_storage_config(s3_server)

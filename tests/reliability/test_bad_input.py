@@ -129,7 +129,7 @@ def world(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from pipeline.model import build_model
 
     tmp = tmp_path_factory.mktemp("bad-input")

@@ -43,7 +43,7 @@ def s3(s3_server):
 
 @pytest.fixture(scope="module")
 def train_url(tmp_path_factory):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     images, labels = synthetic(128, 0)
     return write_array_shards(images, labels, str(tmp_path_factory.mktemp("integrity-data") / "train"), name="synth",

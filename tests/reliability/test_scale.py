@@ -159,7 +159,7 @@ def test_worker_state_does_not_grow_with_the_manifest(jft_manifests):
 # --- a long streaming run ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (48, 16, 16)).astype(np.uint8)

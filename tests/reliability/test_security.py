@@ -73,7 +73,7 @@ def secret_run(s3_server, mlflow_server, tmp_path_factory):
     its process tree opened."""
     import boto3
 
-    from pipeline.data.shards import write_array_shards
+    from pipeline.data.writer import write_array_shards
     from tests.fixtures.s3 import make_storage_config
 
     s3 = boto3.client("s3", endpoint_url=s3_server)

@@ -15,9 +15,11 @@ from PIL import Image
 
 from pipeline.data.config import AugmentConfig
 from pipeline.data.manifest import load_dataset_spec
-from pipeline.data.shards import EncodeOptions, iter_tar_samples, verify_shards, write_array_shards, write_shards
+from pipeline.data.samples import EncodeOptions, iter_tar_samples
 from pipeline.data.sources import ArraySource, ImageFolderSource, open_source, read_idx
 from pipeline.data.transforms import build_transform, decode_image, normalize
+from pipeline.data.verify import verify_shards
+from pipeline.data.writer import write_array_shards, write_shards
 
 
 def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
@@ -191,7 +193,7 @@ def test_interrupted_write_resumes_keeping_intact_shards_and_redoing_damaged_one
         write_shards(ArraySource(images, labels), str(dest), name="arrays", samples_per_shard=5, progress=False)
     assert sorted(p.name for p in (dest / ".progress").iterdir()) == records  # refused before writing anything
 
-    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+    with caplog.at_level("INFO", logger="pipeline.data"):
         url = write_shards(ArraySource(images, labels), str(dest), name="arrays", samples_per_shard=4,
                            progress=False)
     assert "2 recorded shards verified and kept, 1 rewritten (damaged), 4 to write" in caplog.text
@@ -212,13 +214,13 @@ def test_complete_dataset_is_left_alone_or_refused_or_overwritten(tmp_path, monk
     manifest = tmp_path / "out" / "manifest.json"
     before = manifest.stat().st_mtime_ns
 
-    import pipeline.data.shards as shards
+    import pipeline.data.resume as resume
 
     def no_probe(*_a, **_k):
         raise AssertionError("the samples per shard of the earlier write must be reused, not probed again")
 
-    monkeypatch.setattr(shards, "_estimate_samples_per_shard", no_probe)
-    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+    monkeypatch.setattr(resume, "_estimate_samples_per_shard", no_probe)
+    with caplog.at_level("INFO", logger="pipeline.data"):
         assert write_shards(source, str(tmp_path / "out"), shard_bytes=9_000, progress=False) == url
     assert "nothing to do" in caplog.text and manifest.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match=r"already describes a dataset written with other arguments "

@@ -13,7 +13,7 @@ from pipeline.data.config import DataConfig
 from pipeline.data.dedup import EXCLUDE_FORMAT, EXCLUDE_NAME, VIEWS, HashIndex, hamming, load_exclusions
 from pipeline.data.loader import build_loader
 from pipeline.data.manifest import load_dataset_spec
-from pipeline.data.shards import write_array_shards
+from pipeline.data.writer import write_array_shards
 
 
 def _bits(x: np.ndarray) -> int:
