@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import Manifest, load_dataset_spec
@@ -76,8 +77,6 @@ _MATCH_CELLS = 1 << 19  # query x index cells per vectorised step (4 MB of XORs:
 
 
 def _gray(data: bytes):
-    from PIL import Image
-
     img = Image.open(io.BytesIO(data))
     img.draft("L", (_DRAFT_SIDE, _DRAFT_SIDE))  # JPEG only: a cheaper decode, still far above the hash's 64 px
     return img.convert("L")
@@ -93,8 +92,6 @@ def image_hash(img) -> np.ndarray:
 
 def view_hashes(img) -> np.ndarray:
     """A test image -> the hashes of its VIEWS, uint64 [len(VIEWS), 4]."""
-    from PIL import Image
-
     img = img.convert("L")
     out = [image_hash(img)]  # the image as stored: an exact copy is at distance 0
     if min(img.size) < _VIEW_MIN_SIDE:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import braceexpand
+
 from pipeline.data.storage import Storage, parent_url, url_join
 
 __all__ = ["Manifest", "load_dataset_spec", "MANIFEST_FORMAT", "MANIFEST_NAME"]
@@ -58,8 +60,6 @@ def _invalid(where: str, what: str) -> ValueError:
 
 
 def _parse_pattern(spec: str) -> Manifest:
-    import braceexpand
-
     parts = spec.split("|")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("single", "multi")):
         raise ValueError(f"dataset pattern {spec!r}: expected 'URL-{{000000..000099}}.tar|NUM_SAMPLES[|multi]'")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
+from tqdm.auto import tqdm
+
 __all__ = ["Map", "local_map"]
 
 
@@ -24,8 +26,6 @@ class Map(Protocol):
 def local_map(fn: Callable[..., Any], calls: Sequence[tuple], *, desc: str, progress: bool,
               shared: Any = None) -> list[Any]:
     """The calls one after the other in this process (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     extra = () if shared is None else (shared,)
     out = []
     with tqdm(total=len(calls), unit="shard", desc=desc, disable=not progress) as bar:

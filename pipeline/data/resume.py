@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -218,8 +219,6 @@ def verify_recorded(records: dict[int, dict[str, Any]], dest: str, storage: Stor
         problems = dict(zip(ids, map(check_shard, [(dest, records[s], storage) for s in ids], desc=f"verify {dest}",
                                      progress=progress)))
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=8) as pool:
             problems = dict(zip(ids, pool.map(lambda s: check_shard(dest, records[s], storage), ids)))
     for s in ids:

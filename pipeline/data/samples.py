@@ -14,6 +14,8 @@ import io
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from PIL import Image
+
 from pipeline.data.sources import SourceItem, json_bytes, png_bytes
 from pipeline.data.tar import iter_members
 
@@ -46,8 +48,6 @@ def _jpeg(img, quality: int) -> bytes:
 
 def encode_item(item: SourceItem, opts: EncodeOptions) -> tuple[bytes, str, dict[str, Any]]:
     """Returns (image bytes, extension, extra metadata) for one source item."""
-    from PIL import Image
-
     if item.pixels is not None:
         if opts.raw_format == "png":
             return png_bytes(item.pixels), "png", {}

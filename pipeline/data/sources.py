@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from PIL import Image
 
 from pipeline.data.config import StorageConfig
 from pipeline.data.storage import get_filesystem, parent_url, url_join
@@ -188,11 +193,6 @@ class TableSource(Source):
     kind = "table"
 
     def __init__(self, url: str, storage: StorageConfig | None = None, class_names: list[str] | None = None):
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-        import pyarrow.json as pajson
-        import pyarrow.parquet as pq
-
         self.url, self.storage = url, storage or StorageConfig()
         fs, path = get_filesystem(url, self.storage)
         blob = fs.cat_file(path)
@@ -289,8 +289,6 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
     arr = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import http.client
+import importlib
 import io
 import json
 import logging
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
+import s3fs
+from aiobotocore.session import AioSession
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
@@ -86,9 +90,6 @@ def _storage_key(storage: StorageConfig) -> str:
 
 
 def _make_s3(storage: StorageConfig):
-    import s3fs
-    from aiobotocore.session import AioSession
-
     # One botocore session per config and process: a session is not fork-safe. A loader forks its DataLoader workers
     # while this process may be using storage in another thread (a checkpoint uploading in the background, a
     # manifest read finishing); a worker that inherited the session with one of its locks held would wait on it for
@@ -152,8 +153,6 @@ _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 
 @functools.cache
 def _transient_errors() -> tuple[type[BaseException], ...]:
-    import http.client
-
     errors: list[type[BaseException]] = [OSError, http.client.HTTPException, TimeoutError]
     try:
         import aiohttp
@@ -582,8 +581,6 @@ def wds_opener(url: str, mode: str = "rb", bufsize: int = 8192, *, storage: Stor
 
 def register_wds_opener(storage: StorageConfig | None = None, schemes: tuple[str, ...] = ("s3", "gs", "gcs")) -> None:
     """Makes plain `webdataset` open s3:// (and gs://) URLs through our storage layer instead of a CLI."""
-    import importlib
-
     gopen_module = importlib.import_module("webdataset.gopen")
     for scheme in schemes:
         gopen_module.gopen_schemes[scheme] = functools.partial(wds_opener, storage=storage)

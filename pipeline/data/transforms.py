@@ -11,6 +11,7 @@ import io
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from pipeline.data.config import AugmentConfig
 
@@ -45,8 +46,6 @@ def decode_image(data: bytes, in_chans: int = 3) -> torch.Tensor:
 def check_image(data: bytes) -> None:
     """Raises unless `data` starts like an image PIL can open (its header only: the cheap check a DataLoader
     worker makes when decoding is left to the GPU)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         img.size  # noqa: B018 - reading the header is the check
 

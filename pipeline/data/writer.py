@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
@@ -125,8 +126,6 @@ def write_shards(source: Source, dest: str, *, name: str = "dataset", split: str
         calls = [(*bounds[s], dest, names[s], encode, storage, plan_id) for s in todo]
         shards.update(zip(todo, map(_shard_call, calls, desc=f"shards -> {dest}", progress=progress, shared=source)))
     elif todo:
-        from tqdm.auto import tqdm
-
         with tqdm(total=todo_samples, unit="img", desc=f"shards -> {dest}", disable=not progress) as bar:
             for s in todo:
                 shards[s] = _write_one_shard(source, *bounds[s], dest, names[s], encode, storage, plan_id, bar)

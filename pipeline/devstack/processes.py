@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import psutil
+
 from pipeline.devstack import netns
 from pipeline.devstack.errors import StackError
 
@@ -43,8 +45,6 @@ class Proc:
 def spawn(name: str, cmd: list[str], *, logfile: Path, cwd: str, env: dict[str, str] | None = None,
           ns: str | None = None) -> Proc:
     """Starts `cmd` in its own session (inside network namespace `ns` if given), output appended to `logfile`."""
-    import psutil
-
     full = netns.exec_prefix(ns) + cmd
     with open(logfile, "ab") as out:
         popen = subprocess.Popen(
@@ -56,8 +56,6 @@ def spawn(name: str, cmd: list[str], *, logfile: Path, cwd: str, env: dict[str, 
 
 
 def alive(proc: Proc) -> bool:
-    import psutil
-
     popen = _CHILDREN.get(proc.pid)
     if popen is not None and popen.poll() is not None:
         return False
@@ -78,8 +76,6 @@ def kill_pid(pid: int) -> None:
 def stop(proc: Proc, grace_s: float = 20.0) -> bool:
     """SIGTERM the process (Ray's `--block` parent then stops its children), wait, then SIGKILL its group and
     any descendants. Only touches the process if it is still the one we started (pid + start time)."""
-    import psutil
-
     if not alive(proc):
         _reap(proc.pid)
         return False
@@ -120,8 +116,6 @@ def _reap(pid: int) -> None:
 def kill_matching(marker: str) -> None:
     """Last sweep: processes whose command line names this stack's private temp dir (Ray workers that left
     their session) are ours."""
-    import psutil
-
     for p in psutil.process_iter(["pid", "cmdline"]):
         if any(marker in arg for arg in p.info["cmdline"] or []):
             kill_pid(p.info["pid"])

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import boto3
+from botocore.exceptions import ClientError
+
 from pipeline.devstack.processes import BIN
 
 __all__ = ["MOTO_CREDENTIALS", "service_env", "moto_command", "mlflow_command", "mlflow_env", "ensure_bucket"]
@@ -53,9 +56,6 @@ def mlflow_env(service_env: dict[str, str]) -> dict[str, str]:
 def ensure_bucket(endpoint: str, bucket: str, env: dict[str, str], s3_managed: bool) -> None:
     """Creates `bucket` at `endpoint` unless it exists; moto's placeholder credentials when the stack runs moto,
     the environment's otherwise."""
-    import boto3
-    from botocore.exceptions import ClientError
-
     kwargs: dict[str, Any] = {"endpoint_url": endpoint, "region_name": env["AWS_DEFAULT_REGION"]}
     if s3_managed:
         kwargs.update(aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])

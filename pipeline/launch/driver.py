@@ -16,7 +16,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import fsspec
+import pyarrow.fs
+
 from pipeline.config import RunConfig
+from pipeline.data.config import resolve_readers
+from pipeline.data.epochs import ReaderPlan
+from pipeline.data.manifest import load_dataset_spec
 from pipeline.data.storage import Storage
 from pipeline.errors import ConfigError
 from pipeline.launch.checks import SHARED_STORAGE_HINT, check_storage, check_world_sizes
@@ -80,8 +86,6 @@ def ray_storage(storage_path: str, storage: Storage) -> tuple[str, Any]:
     wrapped for pyarrow (path without the scheme); local directories are made absolute."""
     if is_node_local(storage_path):
         return os.path.abspath(storage_path.removeprefix("file://")), None
-    import fsspec
-    import pyarrow.fs
 
     protocol, path = storage_path.split("://", 1)
     if protocol in ("s3", "s3a"):
@@ -114,8 +118,6 @@ def check_cluster(cfg: RunConfig, nodes: int | None = None) -> None:
 def preflight(cfg: RunConfig) -> None:
     """Cheap checks before any cluster work: the world sizes the plan must serve, storage, datasets readable and
     consistent with the model."""
-    from pipeline.data.manifest import load_dataset_spec
-
     check_world_sizes(cfg)
     check_storage(cfg)
     storage = Storage(cfg.storage)
@@ -126,8 +128,6 @@ def preflight(cfg: RunConfig) -> None:
             f"{cfg.model.num_classes}; set model.num_classes={train.num_classes}"
         )
     try:  # the plan over this dataset: one global batch per epoch at least
-        from pipeline.data.config import resolve_readers
-        from pipeline.data.epochs import ReaderPlan
 
         ReaderPlan(train.samples_per_shard, resolve_readers(cfg.data, cfg.train.global_batch), cfg.train.global_batch)
     except ValueError as e:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+
 __all__ = ["connect_ray", "ray_map"]
 
 
@@ -51,7 +53,6 @@ def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, desc: str, progre
         raise ValueError(f"the number of Ray tasks must be >= 1, got {max_tasks} (--ray-tasks)")
     connect_ray()
     import ray
-    from tqdm.auto import tqdm
 
     n = len(calls)
     if max_tasks is not None:

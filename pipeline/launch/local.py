@@ -13,6 +13,7 @@ machines, the stop signal from a job's driver (a SIGTERM to a rank still stops e
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -96,8 +97,6 @@ def init_process_group(rank: int, world_size: int, port: int, *, use_gpu: bool) 
 
 
 def _spawned_rank(rank: int, spec: WorkerSpec, world_size: int, port: int, out_dir: str) -> None:
-    import json
-
     import torch.distributed as dist
 
     install_worker_handler()
@@ -116,8 +115,6 @@ def fit_local(cfg: RunConfig, *, world_size: int = 1, run: RunRef | None = None,
     """`fit` without Ray: `world_size` ranks on this machine (1 = in this process, whose process group is made on
     first use and kept; more = spawned processes, one GPU each with scaling.use_gpu), then the final export to
     `<run_url>/final`. Returns a FitResult."""
-    import json
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 

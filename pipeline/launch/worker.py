@@ -11,6 +11,7 @@ ray is imported inside functions."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -147,8 +148,6 @@ def eval_worker(spec: WorkerSpec) -> None:
     """TorchTrainer's train_loop_per_worker of an evaluation-only job (spec.evaluate_only): no training, no
     checkpoints. Rank 0 writes the metrics to `<run_url>/evaluation.json` for the driver (Ray Train returns only
     checkpointed reports' metrics)."""
-    import json
-
     import ray.train
 
     ctx = ray.train.get_context()

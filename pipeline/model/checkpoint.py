@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.model.config import ModelConfig
@@ -26,8 +27,6 @@ def save_checkpoint(
 ) -> Path:
     """Writes `directory/model.safetensors` and then `directory/model.json`; returns the directory.
     `cfg` defaults to the model's own `.cfg`; `extra` must be JSON-serialisable (e.g. class names, source)."""
-    from safetensors.torch import save_file
-
 
     if isinstance(model_or_state_dict, nn.Module):
         cfg = cfg or getattr(model_or_state_dict, "cfg", None)

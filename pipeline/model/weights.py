@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.posembed import resample_pos_embed
@@ -259,8 +262,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except ValueError as e:  # numpy refuses object arrays (pickles) with allow_pickle=False
             raise ValueError(f"{path}: refused, not a plain .npz of arrays ({e}); vitpipe never unpickles") from None
     if suffix in (".bin", ".pt", ".pth"):
-        import pickle
-
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -282,9 +283,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file; a file that is not one (e.g. a pickle renamed) is a ValueError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except SafetensorError as e:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+import numpy as np
+
 from pipeline import __version__
 from pipeline.errors import RegistryError
 from pipeline.model.format import CHECKPOINT_FILES, CONFIG_FILE, FORMAT, WEIGHTS_FILE
@@ -101,8 +103,6 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 
 def _example_images(size: int, chans: int) -> "Any":
     """One deterministic uint8 image [1, size, size, chans] (a diagonal gradient) for the input example."""
-    import numpy as np
-
     ramp = (np.add.outer(np.arange(size), np.arange(size)) * (255 / max(2 * size - 2, 1))).astype(np.uint8)
     return np.repeat(ramp[None, :, :, None], chans, axis=3)
 
@@ -113,7 +113,6 @@ def log_pyfunc_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: s
     two checkpoint files as its artifacts, an image signature and input example; returns the logged model's id.
     `normalize` is the pixel normalisation the model was trained with (data.augment.normalize)."""
     import mlflow
-    import numpy as np
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 

@@ -30,6 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from pipeline.data.storage import HashingWriter, digest
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.config import ModelConfig
@@ -209,8 +212,6 @@ def export_final(checkpoint_dir: str | Path, model_cfg: "ModelConfig | dict", ou
     meta = {"step": state["step"], "run_id": state.get("run_id"), **(extra or {})}
     ema_path = Path(checkpoint_dir) / EMA_FILE
     if ema_path.is_file():  # Polyak averaging was on: the averaged weights are the model (frozen ones stay raw)
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
         averaged = load_file(str(ema_path))
         unknown = sorted(set(averaged) - set(sd))

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.eval.gather import distributed
@@ -107,8 +108,6 @@ class ParamEMA:
 
     def save(self, directory: str | Path, device: torch.device) -> Path | None:
         """Rank 0 writes `<directory>/ema.safetensors` (every rank must call)."""
-        from safetensors.torch import save_file
-
         state = self.full_state(device)
         if state is None:
             return None
@@ -118,8 +117,6 @@ class ParamEMA:
 
     def load(self, directory: str | Path) -> bool:
         """The average saved in a checkpoint directory; False when it holds none."""
-        from safetensors.torch import load_file
-
         path = Path(directory) / EMA_FILE
         if not path.is_file():
             return False

@@ -3,7 +3,12 @@ and ZeRO-checkpoint consolidation. This is the only module that imports deepspee
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
+import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -138,10 +143,6 @@ def consolidate_fp32(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     master weights come from the ZeRO shards (zero_to_fp32); what those lack (stage 0: everything; stage 0/1:
     frozen parameters, which DeepSpeed stores only in the module state) comes from the module state, loaded
     with weights_only=True."""
-    import contextlib
-    import io
-    import os
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # rank 0's module state: "mp_rank_00_model_states.pt" (stages 0-2) or "zero_pp_rank_0_mp_rank_00_..." (3)
@@ -175,9 +176,6 @@ def load_universal(engine: Any, checkpoint_dir: str, tag: str) -> None:
     torch's Adam increments in place once per sub-group, so the second group's bias correction ran a step ahead
     (its weights then drift from an uninterrupted run's by ~8% of a step, tests/integration/test_elastic_resume.py):
     each state gets its own copy."""
-    import shutil
-    import tempfile
-
     torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in torch_optimizer.param_groups]
     per_group = {k for k in groups[0] if any(g.get(k) != groups[0][k] for g in groups)}
@@ -200,11 +198,6 @@ def to_universal(checkpoint_dir: str, tag: str, out_dir: str) -> str:
     built with `load_universal=True` loads on any world size. Returns `out_dir`. Runs in this process (one
     worker, no process pool). Our models carry no `universal_checkpoint_info`; DeepSpeed's
     `--inject_missing_state` adds the version marker (no tensor or pipeline parallelism to describe)."""
-    import argparse
-    import contextlib
-    import io
-    import os
-
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(
