@@ -8,7 +8,7 @@ import json
 import sys
 
 from pipeline.commands import add_config_args
-from pipeline.commands import reported_cluster_errors as _reported
+from pipeline.commands.run import reported_cluster_errors as _reported
 from pipeline.commands.transfer import add_suite_args, suite_job_args
 
 __all__ = ["register"]
