@@ -1,21 +1,22 @@
 """`vitpipe`: the command line. Thin: parse arguments, load the config, call the library.
 
 Each area registers its own subcommands from `pipeline/commands/<area>.py` (a `register(subparsers)` function);
-heavy imports (torch, ray, mlflow, deepspeed) happen inside the command, not here, so `--help` stays fast.
+heavy imports (torch, ray, mlflow, deepspeed) happen inside the command, not here, so `--help` stays fast. The Ray
+job entrypoints (jobs/*.py) run the same commands through `job_main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+from typing import Callable
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, RunStopped
+from pipeline.commands.run import configure_logging, run_command
 from pipeline.tracking.console import quiet_console
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "job_main", "build_parser"]
 
 # Order = order in `vitpipe --help`. A module that is not there yet is skipped.
 _COMMAND_MODULES = (
@@ -49,47 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        if args.command in _RAY_DRIVERS and not args.verbose:
-            with quiet_console():
-                return int(args.func(args) or 0)
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"vitpipe {args.command}: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        if args.verbose:
-            raise
-        print(f"vitpipe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except RunStopped as e:  # SIGTERM: every rank committed a checkpoint at the same step
-        print(f"vitpipe {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:  # `vitpipe model list | head`: the reader went away; not an error of ours
-        sys.stdout = None
-        return 0
-    except Exception as e:
-        # An unreachable or refusing tracking server / object store is explained in one line, not a traceback
-        # (matched by module: neither mlflow nor botocore is imported here).
-        hint = _SERVICE_HINTS.get(type(e).__module__.split(".")[0])
-        if args.verbose or hint is None:
-            raise
-        print(f"vitpipe {args.command}: error: {type(e).__name__}: {e} ({hint})", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    args.prog = f"vitpipe {args.command}"  # what its one-line messages start with (the command's own ones too)
+    func = args.func
+    if args.command in _RAY_DRIVERS and not args.verbose:
+        func = _quietly(func)
+    return run_command(func, args, args.prog)
 
 
-_SERVICE_HINTS = {
-    "mlflow": "check the tracking URI: tracking.tracking_uri, --tracking-uri or $MLFLOW_TRACKING_URI",
-    "botocore": "check storage.endpoint_url / $AWS_ENDPOINT_URL and the credentials",
-}
+def job_main(prog: str, argv: list[str]) -> int:
+    """The body of a Ray job entrypoint (jobs/*.py): `argv` is a `vitpipe` command line (`["pretrain", CONFIG,
+    ...]`), parsed by the same parser and run by the same command as `vitpipe` runs it, its errors mapped to the
+    same exit codes (pipeline.commands.run) and reported as `PROG: message`, the job's last line. Nothing is
+    filtered: the job's output is Ray's log of it."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    args.prog = prog
+    return run_command(args.func, args, prog)
+
+
+def _quietly(func: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int | None]:
+    """`func` with this terminal's copy of what Ray forwards cleared of its noise (the streams are restored before
+    run_command prints an error)."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        with quiet_console():
+            return func(args)
+
+    return run
 
 
 if __name__ == "__main__":

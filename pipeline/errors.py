@@ -1,6 +1,6 @@
 """The errors a user meets, in one leaf module that imports nothing of the project.
 
-Every layer raises these and the command line maps them to exit codes in one place (`pipeline.commands.exit_code`):
+Every layer raises these and the command line maps them to exit codes in one place (`pipeline.commands.run`):
 a `ConfigError` (and any other `ValueError` raised before work starts) is bad input, exit 2; `RunStopped` is a run
 stopped on request with its checkpoint committed, exit 143.
 """

@@ -1,11 +1,11 @@
-"""Subcommands of `vitpipe`, one module per area, each exposing `register(subparsers)`."""
+"""Subcommands of `vitpipe`, one module per area, each exposing `register(subparsers)`; how a command ends (its exit
+code) is decided in one place, `pipeline.commands.run`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["add_config_args", "reported_cluster_errors"]
+__all__ = ["add_config_args"]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -16,20 +16,3 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         help="dotted overrides, e.g. --set train.optim.lr=3e-4 model.name=vit_b16",
     )
 
-
-def reported_cluster_errors(fn):
-    """Wraps a cluster command: an unreachable or refusing cluster is explained in one line (exit 2), not a
-    traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except Exception as e:  # noqa: BLE001 - ray's AuthenticationError is imported lazily, matched by name
-            if getattr(args, "verbose", False) or not (
-                isinstance(e, (ConnectionError, RuntimeError)) or type(e).__name__ == "AuthenticationError"
-            ):
-                raise
-            print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-
-    return run

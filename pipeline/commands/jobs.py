@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.commands import reported_cluster_errors as _reported
+from pipeline.commands.run import reported_cluster_errors as _reported
 from pipeline.tracking.console import FilteredStream
 
 __all__ = ["register"]

@@ -10,10 +10,13 @@ import functools
 import json
 import logging
 
-from pipeline.data.maps import local_map
-from pipeline.launch.fanout import ray_map
+import yaml
 
-__all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write", "run_dedup"]
+from pipeline.data.maps import local_map
+from pipeline.launch.fanout import connect_ray, ray_map
+
+__all__ = ["register", "add_storage_args", "add_write_args", "storage_from_args", "run_write", "run_dedup",
+           "run_write_job", "yaml_to_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +165,34 @@ def run_dedup(args: argparse.Namespace) -> int:
              else ""))
     print(out["url"])
     return 0
+
+
+def run_write_job(argv: list[str]) -> int:
+    """`python -m jobs.make_shards ARGS | JOB.yaml` (a Ray job): `shards write` ARGS, the shards written by Ray tasks on
+    the cluster the job runs on ($RAY_ADDRESS), or on a local Ray of --num-cpus bound to 127.0.0.1. JOB.yaml holds
+    the same options as a mapping (`yaml_to_argv`)."""
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        argv = yaml_to_argv(argv[0])
+    parser = argparse.ArgumentParser(prog="jobs.make_shards", description="write tar shards as Ray tasks")
+    add_write_args(parser)
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored with $RAY_ADDRESS)")
+    args = parser.parse_args(argv)
+    args.ray = True
+    connect_ray(num_cpus=args.num_cpus)  # $RAY_ADDRESS, else a local Ray on 127.0.0.1
+    return run_write(args)
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    """A YAML mapping of `vitpipe shards write` options -> argv (positional source/dest first)."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict) or "source" not in data or "dest" not in data:
+        raise ValueError(f"{path}: expected a mapping with at least 'source' and 'dest'")
+    argv = [str(data.pop("source")), str(data.pop("dest"))]
+    for key, value in data.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv

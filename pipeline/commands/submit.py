@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from pipeline.commands import add_config_args
-from pipeline.commands import reported_cluster_errors as _reported
+from pipeline.commands.run import reported_cluster_errors as _reported
 from pipeline.commands.transfer import add_suite_args, suite_job_args
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from pipeline.launch.submit import Submission
+
+__all__ = ["register", "build_job_submission"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         sp.set_defaults(func=_reported(_submit))
 
 
+def build_job_submission(kind: str, configs: list[str] = (), overrides: list[str] = (),
+                         **kwargs: Any) -> Submission:
+    """What `vitpipe submit KIND` submits (pipeline.launch.submit.build_submission: the config validated, entrypoint
+    and runtime env). A transfer suite is loaded here, every task validated once, and handed to the launcher as the
+    submission's config: the launcher knows jobs, not suites."""
+    from pipeline.launch import submit as S
+    from pipeline.transfer.suite import load_suite
+
+    suite = None
+    if kind == "transfer-suite":
+        if len(configs) != 1:
+            raise ValueError("submit transfer-suite: give one folder of task configs, e.g. configs/transfer/vtab")
+        suite = load_suite(configs[0], overrides)
+    return S.build_submission(kind, configs, overrides, config=suite, **kwargs)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.launch import submit as S
 
@@ -66,7 +86,7 @@ def _submit(args: argparse.Namespace) -> int:
     if args.kind == "transfer-suite":
         job_args += suite_job_args(args)
     configs = [args.folder] if args.kind == "transfer-suite" else getattr(args, "config", []) or []
-    sub = S.build_submission(
+    sub = build_job_submission(
         args.kind, configs, getattr(args, "overrides", []) or [],
         job_args=job_args, working_dir=args.working_dir,
     )

@@ -9,9 +9,9 @@ import json
 import sys
 
 from pipeline.commands import add_config_args
-from pipeline.commands import reported_cluster_errors as _reported
+from pipeline.commands.run import reported_cluster_errors as _reported
 
-__all__ = ["register", "add_suite_args", "suite_job_args", "run_and_report_suite"]
+__all__ = ["register", "add_suite_args", "suite_job_args"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,14 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "under one parent MLflow run with the group means",
     )
     add_suite_args(s)
-    s.add_argument("--address", help="Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    s.add_argument("--address", help="Ray dashboard address, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS; in "
+                   "a Ray job, the job's own cluster)")
     s.add_argument("--no-working-dir", dest="working_dir", action="store_false",
                    help="do not upload the project with each task's job: the cluster has vitpipe installed")
     s.set_defaults(func=_reported(_run_suite))
 
 
 def add_suite_args(p: argparse.ArgumentParser) -> None:
-    """The suite's own arguments (shared with `vitpipe submit transfer-suite` and jobs.transfer_suite)."""
+    """The suite's own arguments (shared with `vitpipe submit transfer-suite`)."""
     p.add_argument("folder", metavar="DIR", help="folder of task configs (*.yaml; _*.yaml are their bases)")
     p.add_argument(
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -69,31 +70,26 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, TransferRunConfig)
     result = run_transfer(cfg, source=args.source, workdir=args.workdir)
-    out = {"run_id": result.run_id, "metrics": result.metrics, "artifacts": result.artifacts}
-    if result.registered is not None:
-        out["registered"] = result.registered.uri
-    print(json.dumps(out, indent=2))
+    print(json.dumps({"run_id": result.run_id, "metrics": result.metrics, "artifacts": result.artifacts,
+                      "registered": result.registered.uri if result.registered else None}, indent=2))
     return 0
 
 
 def _run_suite(args: argparse.Namespace) -> int:
-    from pipeline.transfer.suite import load_suite
+    """Loads (validates) the suite once and runs it from this process; prints its summary (JSON): exit 0, or 1 with
+    the failed tasks named on stderr. Also the suite's Ray job (jobs.transfer_suite): there the cluster to submit the
+    tasks' jobs to is the job's own."""
+    from pipeline.launch.submit import cluster_address, default_address
+    from pipeline.transfer.suite import SuiteFailed, load_suite, run_suite
 
-    return run_and_report_suite(load_suite(args.folder, args.overrides), args, address=args.address,
-                                prog="vitpipe transfer-suite")
-
-
-def run_and_report_suite(suite, args: argparse.Namespace, *, address: str | None, prog: str) -> int:
-    """Runs a loaded suite with the suite arguments and prints its summary (JSON): exit 0, or 1 with the failed
-    tasks named on stderr. Shared by `vitpipe transfer-suite` and the suite's Ray job (jobs.transfer_suite)."""
-    from pipeline.transfer.suite import SuiteFailed, run_suite
-
+    suite = load_suite(args.folder, args.overrides)
+    address = args.address or default_address() or cluster_address()
     try:
         result = run_suite(suite, source=args.source, name=args.name, address=address,
                            max_concurrent=args.max_concurrent, working_dir=args.working_dir)
     except SuiteFailed as e:
         print(json.dumps(e.result.summary(), indent=2))
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{args.prog}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result.summary(), indent=2))
     return 0

@@ -2,7 +2,8 @@
 
 A submission = an entrypoint (`python -m jobs.pretrain CONFIG ...`) + a runtime environment: the project as
 `working_dir` (or nothing, when the cluster image has the package installed) and the storage/MLflow settings of
-the submitter's environment as env vars. Configs are validated here, before anything is uploaded. Credentials
+the submitter's environment as env vars. Configs are validated here (unless the caller did), before anything is
+uploaded; a transfer suite's folder comes validated by the command layer, which loads the suite. Credentials
 travel only inside the runtime environment; everything printed goes through `redact`.
 """
 
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from pipeline.config import RunConfig, config_class, load_config
+from pipeline.errors import ConfigError
+from pipeline.launch.checks import check_storage, check_world_sizes
 from pipeline.tracking.console import FilteredStream
 from pipeline.version import CODE_VERSION_ENV, code_version
 
@@ -108,10 +112,6 @@ def _project_path(path: str, project_dir: Path, working_dir: bool, folder: bool 
 def _validate(kind: str, configs: list[str], overrides: list[str]) -> Any:
     """The validated config, with the checks that need no cluster: storage (placeholder, node-local path on GPUs) and
     the world sizes the training plan must serve."""
-    from pipeline.config import RunConfig, config_class, load_config
-    from pipeline.errors import ConfigError
-    from pipeline.launch.checks import check_storage, check_world_sizes
-
     if kind == "pretrain":
         cfg = load_config(configs, overrides, RunConfig)
     else:
@@ -135,14 +135,18 @@ def build_submission(
     environ: dict[str, str] | None = None,
     extra_env: dict[str, str] | None = None,
     python: str = "python",
+    config: Any = None,
 ) -> Submission:
     """Validates the config locally and builds entrypoint + runtime env. kind: pretrain | transfer | shards
     (shards passes `job_args` through to `jobs.make_shards`) | command (`job_args` is the whole entrypoint) |
-    transfer-suite (`configs` is the one folder of task configs; every task is validated)."""
+    transfer-suite (`configs` is the one folder of task configs). `config`: what the caller validated already, kept
+    as the submission's config and not validated again: for pretrain / transfer the config of `configs` and
+    `overrides` (overrides it does not hold may only name the run), for transfer-suite the suite loaded from the
+    folder (required: pipeline.transfer.suite.load_suite validates every task)."""
     runtime_env = runtime_env_for(working_dir=working_dir, project_dir=project_dir, environ=environ,
                                   extra_env=extra_env)
     metadata = {"vitpipe_kind": kind}
-    cfg = None
+    cfg = config
     if kind == "command":
         if not job_args:
             raise ValueError("submit command: give the entrypoint after --, e.g. -- python -c 'print(1)'")
@@ -151,7 +155,8 @@ def build_submission(
         if not configs:
             raise ValueError(f"submit {kind}: give a config file")
         paths = [_project_path(c, project_dir, working_dir) for c in configs]
-        cfg = _validate(kind, list(configs), list(overrides))
+        if cfg is None:
+            cfg = _validate(kind, list(configs), list(overrides))
         # `ray job stop` sends SIGTERM and, after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s), SIGKILL; the job
         # needs the time to finish its step and commit a checkpoint (read by the job's supervisor, whose runtime
         # env is the job's)
@@ -165,11 +170,9 @@ def build_submission(
     elif kind == "shards":
         entrypoint = shlex.join([python, "-m", JOB_MODULES[kind], *configs, *job_args])
     elif kind == "transfer-suite":
-        from pipeline.transfer.suite import load_suite
-
-        if len(configs) != 1:
-            raise ValueError("submit transfer-suite: give one folder of task configs, e.g. configs/transfer/vtab")
-        cfg = load_suite(configs[0], overrides)
+        if len(configs) != 1 or cfg is None:
+            raise ValueError("submit transfer-suite: give one folder of task configs (e.g. configs/transfer/vtab) "
+                             "and, as `config`, the suite loaded from it")
         folder = _project_path(configs[0], project_dir, working_dir, folder=True)
         runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] = str(SUITE_STOP_GRACE_S)
         parts = [python, "-m", JOB_MODULES[kind], folder]

@@ -27,8 +27,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.launch.checks import check_storage
+from pipeline.launch import submit as S
+from pipeline.launch.checks import check_storage, check_world_sizes
 from pipeline.tracking.config import TrackingConfig, resolve_tracking_uri
+from pipeline.tracking.registry import resolve_version
+from pipeline.tracking.run import TrackedRun, child_runs
 from pipeline.transfer.config import TransferRunConfig
 
 __all__ = ["METRIC", "SuiteTask", "TransferSuite", "TaskOutcome", "SuiteResult", "SuiteFailed", "load_suite",
@@ -116,8 +119,9 @@ class SuiteFailed(Exception):
 
 def load_suite(folder: str | Path, overrides: Iterable[str] = ()) -> TransferSuite:
     """Every task config of `folder`, validated with `overrides` (what `--set` gives every task), and the checks
-    that need no service: names fit metric keys, the tasks log to one MLflow experiment, they fine-tune (a suite
-    averages final/top1). Raises a ConfigError naming the folder or the task's file."""
+    that need no service: storage and world sizes (what a submission checks), names fit metric keys, the tasks log to
+    one MLflow experiment, they fine-tune (a suite averages final/top1). Raises a ConfigError naming the folder or
+    the task's file. The one validation of the tasks: run_suite submits them with these configs."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"transfer suite {folder}: no such folder (give the folder of task configs, e.g. "
@@ -137,6 +141,7 @@ def load_suite(folder: str | Path, overrides: Iterable[str] = ()) -> TransferSui
         try:
             cfg = load_config(path, overrides, TransferRunConfig)
             check_storage(cfg)
+            check_world_sizes(cfg)
         except ConfigError as e:
             raise ConfigError(f"transfer suite task {path}: {e}") from None
         if cfg.transfer.mode == "fewshot":
@@ -192,14 +197,10 @@ def run_suite(suite: TransferSuite, *, source: str | None = None, name: str | No
               address: str | None = None, max_concurrent: int = 1, working_dir: bool = True,
               poll_s: float = 2.0) -> SuiteResult:
     """The whole suite (see the module docstring). Before the parent run or any job exists: the source model(s)
-    are looked up in the registry, every task's submission is built (config validated, inside the project when it
-    is uploaded) and the job ids are checked free. Task `key` runs as Ray job `<name>-<key>`, named `<name>-<key>`
+    are looked up in the registry, every task's submission is built (from the config load_suite validated; its
+    file inside the project when that is uploaded) and the job ids are checked free. Task `key` runs as Ray job `<name>-<key>`, named `<name>-<key>`
     (its storage folder) with the MLflow run name `key` nested under the parent run `name`. Raises SuiteFailed
     (parent FAILED) when a task failed; a SIGTERM or Ctrl-C stops the running tasks' jobs (parent KILLED)."""
-    from pipeline.launch import submit as S
-    from pipeline.tracking.registry import resolve_version
-    from pipeline.tracking.run import TrackedRun, child_runs
-
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     name = name or default_suite_name(suite)
@@ -210,21 +211,23 @@ def run_suite(suite: TransferSuite, *, source: str | None = None, name: str | No
         if not sources[t.key]:
             raise ConfigError(f"{t.path}: no source model: set transfer.source or pass --from models:/NAME@ALIAS")
 
+    job_ids = {t.key: f"{name}-{t.key}" for t in suite.tasks}  # also the task's run name (its storage folder)
+
     def submission(task: SuiteTask, parent_run_id: str) -> S.Submission:
-        # quoted: --set values are YAML, and an id or name of digits would parse as a number
-        overrides = [*suite.overrides, f"name='{name}-{task.key}'", f"tracking.run_name='{task.key}'",
+        # quoted: --set values are YAML, and an id or name of digits would parse as a number. The task's config was
+        # validated by load_suite; these overrides only name its run and nest it under the suite's.
+        overrides = [*suite.overrides, f"name='{job_ids[task.key]}'", f"tracking.run_name='{task.key}'",
                      f"tracking.parent_run_id='{parent_run_id}'"]
         sub = S.build_submission("transfer", [str(task.path)], overrides, job_args=["--from", sources[task.key]],
-                                 working_dir=working_dir)
-        sub.metadata.update(suite=name, suite_task=task.key)
+                                 working_dir=working_dir, config=task.cfg)
+        sub.metadata.update(suite=name, suite_task=task.key, run_name=job_ids[task.key])
         return sub
 
     for task in suite.tasks:
-        submission(task, "0" * 32)  # raises what the real submission would, before anything starts
+        submission(task, "0" * 32)  # raises what the real submission would (a path outside the uploaded project)
     for uri in sorted(set(sources.values())):
         resolve_version(uri, suite.tracking.tracking_uri)  # RegistryError: lists the registered models
     client = S.job_client(address)
-    job_ids = {t.key: f"{name}-{t.key}" for t in suite.tasks}
     taken = sorted(set(job_ids.values()) & {j["submission_id"] for j in S.list_jobs(client)})
     if taken:
         raise ConfigError(f"Ray jobs {', '.join(taken)} already exist on the cluster: give the suite another --name")
@@ -256,8 +259,6 @@ def _run_jobs(client, tasks: Iterable[SuiteTask], submit: Callable[[SuiteTask], 
               outcomes: dict[str, TaskOutcome], max_concurrent: int, poll_s: float) -> None:
     """Submits the tasks' jobs in order, never more than `max_concurrent` unfinished at once, until all have
     ended. Whatever interrupts it (a stop, an error) stops the jobs still running."""
-    from pipeline.launch.submit import TERMINAL
-
     pending, running = list(tasks), {}
     try:
         while pending or running:
@@ -271,7 +272,7 @@ def _run_jobs(client, tasks: Iterable[SuiteTask], submit: Callable[[SuiteTask], 
             time.sleep(poll_s)
             for key, job_id in list(running.items()):
                 status = str(client.get_job_status(job_id).value)
-                if status in TERMINAL:
+                if status in S.TERMINAL:
                     del running[key]
                     outcomes[key].status = status
                     if status != "SUCCEEDED":

@@ -190,16 +190,17 @@ def test_an_interrupted_suite_stops_the_jobs_still_running():
 
 # ---------------------------------------------------------------- submission
 def test_the_submitted_suite_runs_its_driver_with_the_same_arguments():
+    from pipeline.commands.submit import build_job_submission
     from pipeline.launch import submit as S
 
-    sub = S.build_submission("transfer-suite", ["configs/transfer/vtab"], [STORAGE],
-                             job_args=["--max-concurrent", "4", "--from", "models:/m@a"], environ={})
+    sub = build_job_submission("transfer-suite", ["configs/transfer/vtab"], [STORAGE],
+                               job_args=["--max-concurrent", "4", "--from", "models:/m@a"], environ={})
     assert sub.entrypoint == ("python -m jobs.transfer_suite configs/transfer/vtab --set scaling.storage_path=s3://b/runs "
                               "--max-concurrent 4 --from models:/m@a")
     assert sub.runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(S.SUITE_STOP_GRACE_S)
     assert sub.metadata["vitpipe_kind"] == "transfer-suite" and len(sub.config.tasks) == 19
     with pytest.raises(ConfigError, match="placeholder"):
-        S.build_submission("transfer-suite", ["configs/transfer/vtab"], [], environ={})
+        build_job_submission("transfer-suite", ["configs/transfer/vtab"], [], environ={})
 
 
 def test_the_cli_refuses_bad_input_before_any_cluster_call(tmp_path, capsys):
