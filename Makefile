@@ -26,7 +26,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast test-unit demo bench clean debian-packages
+.PHONY: setup test test-fast test-unit lint demo bench clean debian-packages
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ test: setup
 
 # No Ray cluster, no MLflow server: the sample plan, the loader on local disk and S3, stop markers, the engine on
 # gloo ranks.
+# Import order, imports at the top of files (pyproject.toml's [tool.ruff]); tests/unit/test_layers.py runs it too.
+lint: setup
+	$(PY) -m ruff check pipeline jobs tests benchmarks
+
 test-fast: setup
 	$(PY) -m pytest tests/unit tests/integration/test_data_loader.py tests/integration/test_stop_signal.py \
 	    tests/integration/test_pretrain_engine.py tests/integration/test_evaluation.py

@@ -18,6 +18,8 @@ A module's layer is the most specific rule that names it (a module path, or a pa
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("jobs", ["pipeline.pretrain", "pipeline.transfer.*", "pipeline.lineage"]),
     ("commands", ["pipeline.commands.*", "pipeline.commands.config", "pipeline.cli", "pipeline.demo"]),
 ]
+
+# What may be imported inside a function outside pipeline/commands (where `vitpipe --help` needs every command's
+# implementation lazy): heavy libraries only, never a project module (pyproject.toml lists the files and why).
+LAZY_OK = {"torch", "torchvision", "ray", "mlflow", "deepspeed", "webdataset", "matplotlib", "imagehash", "gcsfs"}
 
 # third-party packages a layer must not import at all (the data floor receives a `map` callable; it never drives Ray)
 FORBIDDEN = {"model, data": {"ray"}}
@@ -172,3 +178,42 @@ def test_the_layer_rules_pick_the_most_specific():
     assert LAYERS[layer_of("pipeline.model.vit")][0] == "model, data"
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("pipeline.nowhere")
+
+
+def _lazy_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, module, inside a try block) of every import inside a function body."""
+    tree = ast.parse(path.read_text(), str(path))
+    parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        chain, up = [], parent.get(node)
+        while up is not None:
+            chain.append(up)
+            up = parent.get(up)
+        if not any(isinstance(a, (ast.FunctionDef, ast.AsyncFunctionDef)) for a in chain):
+            continue
+        in_try = any(isinstance(a, ast.Try) for a in chain)
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+        out += [(node.lineno, name, in_try) for name in names]
+    return out
+
+
+def test_lazy_imports_are_heavy_libraries_only():
+    bad = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if "commands" in path.relative_to(ROOT).parts or path.name == "cli.py":
+            continue
+        for line, module, in_try in _lazy_imports(path):
+            top = module.split(".")[0]
+            if top == "pipeline" or (top not in LAZY_OK and not in_try):  # in a try: an optional extra
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} inside a function")
+    assert not bad, "move these to the top of the file:\n" + "\n".join(bad)
+
+
+def test_ruff_passes():
+    """Import order and imports-at-the-top (PLC0415, with pyproject.toml's listed exceptions)."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "pipeline", "jobs", "tests",
+                           "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
