@@ -2,8 +2,8 @@
 
 Request-level retries (throttling: 503 SlowDown, 5xx, connection errors) are botocore's own
 (`retries={"mode": ..., "max_attempts": ...}`); errors in the middle of a body read are retried here by
-`RetryingReader`, which reopens at the byte it had reached. Both are counted in process-local counters
-(`io_counters()`). Filesystems are created lazily per process and never pickled: a `Storage` handle drops its
+`RetryingReader` (pipeline.data.retries), which reopens at the byte it had reached. Both are counted in
+process-local counters (`retries.io_counters()`). Filesystems are created lazily per process and never pickled: a `Storage` handle drops its
 client in `__getstate__`, so DataLoader and Ray workers each build their own.
 """
 
@@ -12,19 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import http.client
 import importlib
 import io
 import json
 import logging
 import os
-import queue
-import random
 import shutil
 import tempfile
 import threading
-import time
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,11 +30,11 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 from pipeline.data.config import StorageConfig
+from pipeline.data.retries import RetryingReader, count_request_retries
 
 __all__ = [
     "Storage",
     "is_local",
-    "RetryingReader",
     "get_filesystem",
     "open_url",
     "download",
@@ -47,42 +42,15 @@ __all__ = [
     "digest",
     "write_atomic",
     "url_join",
-    "io_counters",
-    "ReadAhead",
     "register_wds_opener",
     "wds_opener",
 ]
 
 log = logging.getLogger(__name__)
 
-_COUNTER_NAMES = ("request_retries", "read_retries", "bytes_read")
-_counters = dict.fromkeys(_COUNTER_NAMES, 0)
-_counters_lock = threading.Lock()
 _FS_CACHE: dict[tuple, Any] = {}
 _FS_LOCK = threading.Lock()
 _SESSIONS: dict[str, Any] = {}
-
-
-def _count(name: str, n: int = 1) -> None:
-    with _counters_lock:
-        _counters[name] += n
-
-
-def io_counters() -> dict[str, int]:
-    """What THIS process did so far: request_retries (botocore), read_retries (mid-stream), retries (their sum),
-    bytes_read (through `open_url`, from any store)."""
-    with _counters_lock:
-        out = dict(_counters)
-    out["retries"] = out["request_retries"] + out["read_retries"]
-    return out
-
-
-def _on_after_call(parsed: dict | None = None, **_: Any) -> None:
-    """botocore reports how many times it retried a call (success or final failure) in the response metadata."""
-    attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
-    if attempts:
-        _count("request_retries", attempts)
-        log.info("S3 request succeeded or gave up after %d retries (throttling / transient errors)", attempts)
 
 
 def _storage_key(storage: StorageConfig) -> str:
@@ -98,7 +66,7 @@ def _make_s3(storage: StorageConfig):
     session = _SESSIONS.get(key)
     if session is None:
         session = _SESSIONS[key] = AioSession(profile=storage.profile) if storage.profile else AioSession()
-        session.register("after-call.s3", _on_after_call)
+        session.register("after-call.s3", count_request_retries)
     client_kwargs: dict[str, Any] = {}
     # region_name in client_kwargs breaks bucket creation on S3-compatible servers; set it only when asked.
     if storage.region:
@@ -148,105 +116,6 @@ def get_filesystem(url: str, storage: StorageConfig | None = None) -> tuple[Any,
     return fs, fs._strip_protocol(str(url))
 
 
-_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-@functools.cache
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, http.client.HTTPException, TimeoutError]
-    try:
-        import aiohttp
-
-        errors.append(aiohttp.ClientError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from botocore.exceptions import BotoCoreError
-
-        errors.append(BotoCoreError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from fsspec.exceptions import FSTimeoutError
-
-        errors.append(FSTimeoutError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _transient_errors()) and not isinstance(exc, _NOT_TRANSIENT)
-
-
-def backoff_s(attempt: int, storage: StorageConfig) -> float:
-    """Full-jitter exponential backoff for attempt 1, 2, ... bounded by storage.backoff_max_s."""
-    return random.uniform(0, min(storage.backoff_max_s, storage.backoff_base_s * 2 ** (attempt - 1)))
-
-
-class RetryingReader(io.RawIOBase):
-    """A read-only stream that survives errors in the middle of a body: it reopens the object and seeks to the
-    byte it had reached, at most `storage.max_retries` times in a row, with backoff. Each retry is counted."""
-
-    def __init__(self, opener: Callable[[], Any], url: str, storage: StorageConfig):
-        super().__init__()
-        self._opener = opener
-        self._url = url
-        self._storage = storage
-        self._f: Any = None
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def _with_retries(self, fn: Callable[[Any], Any]) -> Any:
-        attempt = 0
-        while True:
-            try:
-                if self._f is None:
-                    self._f = self._opener()
-                    if self._pos:
-                        self._f.seek(self._pos)
-                return fn(self._f)
-            except Exception as e:
-                if not _is_transient(e) or attempt >= self._storage.max_retries:
-                    raise
-                attempt += 1
-                _count("read_retries")
-                delay = backoff_s(attempt, self._storage)
-                log.warning("read of %s failed at byte %d (%s: %s); retry %d/%d in %.2fs", self._url, self._pos,
-                            type(e).__name__, e, attempt, self._storage.max_retries, delay)
-                self._close_inner()
-                time.sleep(delay)
-
-    def readinto(self, b) -> int:
-        def _read(f):
-            data = f.read(min(len(b), self._storage.read_block_size))
-            n = len(data)
-            b[:n] = data
-            return n
-
-        n = self._with_retries(_read)
-        self._pos += n
-        _count("bytes_read", n)
-        return n
-
-    def _close_inner(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            try:
-                f.close()
-            except Exception:  # a broken connection may fail to close; it is being replaced anyway
-                pass
-
-    def close(self) -> None:
-        self._close_inner()
-        super().close()
-
-    def __getstate__(self):
-        raise TypeError("an open stream cannot be pickled; pass the URL and StorageConfig instead")
-
-
 def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *, buffer_size: int = 1 << 20):
     """Opens a URL for reading ("rb": buffered, retrying mid-stream) or writing ("wb": streamed to the destination;
     on S3 a multipart upload that becomes visible when closed)."""
@@ -265,124 +134,6 @@ def open_url(url: str, mode: str = "rb", storage: StorageConfig | None = None, *
     if mode == "wb":
         return fs.open(path, "wb")
     raise ValueError(f"open_url: mode must be 'rb' or 'wb', got {mode!r}")
-
-
-def _put(q: queue.Queue, stop: threading.Event, item: tuple) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _read_ahead(urls: list[str], storage: StorageConfig, q: queue.Queue, abandoned: set[int],
-                stop: threading.Event) -> None:
-    """`ReadAhead`'s thread: each object's blocks in turn into `q`, then (i, None) at its end or (i, error)."""
-    block = storage.read_block_size
-    for i, url in enumerate(urls):
-        try:
-            with open_url(url, "rb", storage, buffer_size=block) as f:
-                while i not in abandoned:
-                    chunk = f.read(block)
-                    if not chunk:
-                        break
-                    if not _put(q, stop, (i, chunk)):
-                        return
-            end: tuple = (i, None)
-        except Exception as e:  # handed to the consumer, raised where the object is read
-            end = (i, e)
-        if not _put(q, stop, end):
-            return
-
-
-class ReadAhead:
-    """Reads a sequence of objects, in order, in a background thread, up to `blocks` blocks of
-    `storage.read_block_size` ahead of the consumer and across object boundaries: the next shard's bytes arrive
-    while the current one decodes. `open(i)` returns the i-th object's stream (call it in order, each once); closing
-    a stream before its end makes the thread skip the rest of that object. An error opening or reading an object
-    (after `open_url`'s retries) is raised by its stream's read."""
-
-    def __init__(self, urls: list[str], storage: StorageConfig | None = None, *, blocks: int = 4):
-        self._urls, self._storage = list(urls), storage or StorageConfig()
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, blocks))
-        self._abandoned: set[int] = set()
-        self._pending: tuple | None = None
-        self._stop = threading.Event()
-        # The thread holds no reference to this object: a reader dropped without `close` (a consumer that stopped
-        # early) stops its thread when it is collected, instead of leaving it polling until the process exits.
-        self._thread = threading.Thread(target=_read_ahead, name="vitpipe-read-ahead", daemon=True,
-                                        args=(self._urls, self._storage, self._queue, self._abandoned, self._stop))
-        weakref.finalize(self, self._stop.set)
-        self._thread.start()
-
-    def _next(self, i: int) -> bytes | None:
-        """The next chunk of object `i` (None at its end); chunks of objects closed early are dropped."""
-        while True:
-            if self._pending is not None:
-                (j, item), self._pending = self._pending, None
-            else:
-                j, item = self._queue.get()
-            if j < i:
-                continue  # the rest of an abandoned object
-            if j > i:  # object i already ended (its end was taken by an earlier read): keep the next one's chunk
-                self._pending = (j, item)
-                return None
-            if isinstance(item, Exception):
-                raise item
-            return item
-
-    def open(self, i: int) -> io.BufferedReader:
-        return io.BufferedReader(_ReadAheadStream(self, i), buffer_size=1 << 16)
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=5)
-
-
-class _ReadAheadStream(io.RawIOBase):
-    def __init__(self, owner: ReadAhead, i: int):
-        super().__init__()
-        self._owner, self._i = owner, i
-        self._chunk, self._eof = memoryview(b""), False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._chunk:
-            if self._eof:
-                return 0
-            try:
-                data = self._owner._next(self._i)
-            except Exception:
-                self._eof = True  # the object's end (an error) is taken: closing must not wait for another
-                raise
-            if data is None:
-                self._eof = True
-                return 0
-            self._chunk = memoryview(data)
-        n = min(len(b), len(self._chunk))
-        b[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def close(self) -> None:
-        if not self.closed and not self._eof:
-            self._owner._abandoned.add(self._i)
-            try:  # drain to this object's end marker so the next object's stream starts at its own bytes
-                while self._owner._next(self._i) is not None:
-                    pass
-            except Exception:
-                pass
-            self._eof = True
-        super().close()
 
 
 def download(url: str, local_path: str | Path, storage: StorageConfig | None = None) -> None:

@@ -30,8 +30,10 @@ import torch
 
 from pipeline.data.config import DataConfig
 from pipeline.data.epochs import Segment
+from pipeline.data.readahead import ReadAhead
+from pipeline.data.retries import io_counters
 from pipeline.data.samples import iter_tar_samples
-from pipeline.data.storage import ReadAhead, Storage, io_counters
+from pipeline.data.storage import Storage
 from pipeline.data.transforms import IMAGE_KEYS, build_transform, check_image, decode_image
 
 __all__ = ["COUNTER_NAMES", "BAD_DATA_NAMES", "TELEMETRY_NAMES", "Producer", "Stream", "as_tensors"]

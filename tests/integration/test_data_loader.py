@@ -296,7 +296,8 @@ def test_a_checkpoint_fetched_through_a_faulty_proxy_arrives_whole(s3_bucket, st
     retried (fsspec's recursive get would fail the export)."""
     import os
 
-    from pipeline.data.storage import Storage, get_filesystem, io_counters
+    from pipeline.data.retries import io_counters
+    from pipeline.data.storage import Storage, get_filesystem
     from tests.fixtures.s3 import make_storage_config
 
     url = f"s3://{s3_bucket}/runs/r1/checkpoint_00000004"

@@ -8,9 +8,11 @@ import pickle
 
 import pytest
 
+from pipeline.data import retries
 from pipeline.data import storage as st
 from pipeline.data.config import StorageConfig
 from pipeline.data.manifest import load_dataset_spec
+from pipeline.data.readahead import ReadAhead
 
 QUICK = StorageConfig(max_retries=3, backoff_base_s=0.001, backoff_max_s=0.01)
 
@@ -59,12 +61,12 @@ def test_retrying_reader_resumes_at_the_byte_reached_and_counts():
         opened.append(1)
         return _FlakyFile(data, 5000 if len(opened) == 1 else None, ConnectionResetError("reset by peer"))
 
-    before = st.io_counters()["read_retries"]
-    with io.BufferedReader(st.RetryingReader(opener, "mem://x", QUICK), buffer_size=1024) as f:
+    before = retries.io_counters()["read_retries"]
+    with io.BufferedReader(retries.RetryingReader(opener, "mem://x", QUICK), buffer_size=1024) as f:
         assert f.read() == data
     assert len(opened) == 2
-    assert st.io_counters()["read_retries"] == before + 1
-    assert st.io_counters()["retries"] >= 1
+    assert retries.io_counters()["read_retries"] == before + 1
+    assert retries.io_counters()["retries"] >= 1
 
 
 def test_retrying_reader_gives_up_after_max_retries_and_never_retries_not_found():
@@ -72,7 +74,7 @@ def test_retrying_reader_gives_up_after_max_retries_and_never_retries_not_found(
         return _FlakyFile(b"x" * 100, 0, TimeoutError("slow"))
 
     with pytest.raises(TimeoutError):
-        st.RetryingReader(always_broken, "mem://x", QUICK).read(10)
+        retries.RetryingReader(always_broken, "mem://x", QUICK).read(10)
 
     calls = []
 
@@ -81,7 +83,7 @@ def test_retrying_reader_gives_up_after_max_retries_and_never_retries_not_found(
         raise FileNotFoundError("gone")
 
     with pytest.raises(FileNotFoundError):
-        st.RetryingReader(missing, "mem://x", QUICK).read(10)
+        retries.RetryingReader(missing, "mem://x", QUICK).read(10)
     assert len(calls) == 1
 
 
@@ -164,7 +166,7 @@ def test_read_ahead_streams_objects_in_order_across_abandoned_and_missing_ones(t
         (tmp_path / f"o{i}").write_bytes(body)
         paths.append(str(tmp_path / f"o{i}"))
     paths.insert(2, str(tmp_path / "missing"))
-    ahead = st.ReadAhead(paths, st.StorageConfig(read_block_size=1024), blocks=2)
+    ahead = ReadAhead(paths, st.StorageConfig(read_block_size=1024), blocks=2)
     try:
         with ahead.open(0) as f:
             assert f.read() == bodies[0]
@@ -177,9 +179,9 @@ def test_read_ahead_streams_objects_in_order_across_abandoned_and_missing_ones(t
                 assert f.read() == bodies[k - 1]
     finally:
         ahead.close()
-    before = st.io_counters()["bytes_read"]
-    ahead = st.ReadAhead(paths[:1], st.StorageConfig(), blocks=1)
+    before = retries.io_counters()["bytes_read"]
+    ahead = ReadAhead(paths[:1], st.StorageConfig(), blocks=1)
     with ahead.open(0) as f:
         f.read()
     ahead.close()
-    assert st.io_counters()["bytes_read"] - before == len(bodies[0])
+    assert retries.io_counters()["bytes_read"] - before == len(bodies[0])

@@ -217,3 +217,10 @@ def test_ruff_passes():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "pipeline", "jobs", "tests",
                            "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_module_holds_two_ideas_by_size():
+    """Past ~450 lines a module usually does two jobs (shared/STYLE.md): split it."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "pipeline").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
