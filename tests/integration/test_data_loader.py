@@ -143,17 +143,34 @@ def test_each_steps_global_batch_is_the_same_at_any_world_size_and_worker_count(
         _steps(url, storage, data(0), world=4, steps=1)
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (2, 3), (3, 2)])
-def test_resume_at_another_world_size_continues_at_the_exact_next_sample(store, first, then):
-    """Stopped after 6 steps on `first` ranks (an epoch and a half, bad samples skipped on the way), the merged
-    state continues on `then` ranks with the uninterrupted run's samples, augmentation and pixels."""
-    from pipeline.data.loader import merge_states
+@pytest.fixture(scope="module", params=["local", "s3"])
+def resume_case(request, tmp_path_factory):
+    """A 100-image set with bad samples, on local disk or S3, and its uninterrupted 9-step run on one rank: written
+    and computed once, read by each world-size pair."""
+    from pipeline.data.config import StorageConfig
 
-    base, storage = store
+    from tests.fixtures.s3 import ensure_buckets, make_storage_config
+
+    if request.param == "local":
+        base, storage = str(tmp_path_factory.mktemp("resume") / "data"), StorageConfig()
+    else:
+        s3_server = request.getfixturevalue("s3_server")
+        ensure_buckets(s3_server, "loader-resume", region_name="us-east-1")
+        base, storage = "s3://loader-resume/data", make_storage_config(s3_server)
     url = _write(base, storage, 100, 13)
     _corrupt(url, storage)
     data = _data(url, num_workers=1, shuffle_buffer=5, virtual_readers=12, seed=5)
     reference, _ = _steps(url, storage, data, world=1, steps=9)
+    return url, storage, data, reference
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (2, 3), (3, 2)])
+def test_resume_at_another_world_size_continues_at_the_exact_next_sample(resume_case, first, then):
+    """Stopped after 6 steps on `first` ranks (an epoch and a half, bad samples skipped on the way), the merged
+    state continues on `then` ranks with the uninterrupted run's samples, augmentation and pixels."""
+    from pipeline.data.loader import merge_states
+
+    url, storage, data, reference = resume_case
     part, states = _steps(url, storage, data, world=first, steps=6)
     merged = merge_states(states)
     assert merged["step"] == 6 and len(merged["positions"]) == 12
