@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"pretrain job: {e}", file=sys.stderr)
         return e.exit_code
+    # the job's result on one line: it ends what `vitpipe submit --follow` shows
     print(json.dumps({"name": result.name, "run_id": result.run_id, "final_checkpoint": result.final_checkpoint,
-                      "step": result.step}, indent=2))
+                      "step": result.step}))
     return 0
 
 
