@@ -1,4 +1,5 @@
-"""Subcommands of `vitpipe`, one module per area, each exposing `register(subparsers)`."""
+"""Subcommands of `vitpipe`, one module per area, each exposing `register(subparsers)`. The demo_*.py modules are
+`vitpipe demo`'s steps, not subcommands: an example built on the library's public calls."""
 
 from __future__ import annotations
 

@@ -136,3 +136,11 @@ def test_ray_logger_drops_routine_info_and_noise_warnings_only():
         ray_logger.handlers, ray_logger.propagate = saved[2], saved[3]
     assert out.getvalue() == "a warning to act on\n"
 
+
+def test_evaluation_line_names_the_accuracies_not_their_internals():
+    from pipeline.tracking.tail import evaluation_line
+
+    m = {"val/loss": 1.8718, "val/prec1": 0.3047, "fewshot/fmnist_10shot": 0.3856, "fewshot/fmnist_1shot": 0.2756,
+         "fewshot/fmnist_1shot_std": 0.02674, "fewshot/fmnist_10shot_log2_l2": 3.0, "fewshot/fmnist_pool_images": 300}
+    assert evaluation_line(m) == "val loss 1.8718  top-1 30.5%  few-shot fmnist 1-shot 27.6%  10-shot 38.6%"
+    assert evaluation_line({"train/loss": 2.3}) == ""
