@@ -1,5 +1,6 @@
 """Subcommands of `vitpipe`, one module per area, each exposing `register(subparsers)`; how a command ends (its exit
-code) is decided in one place, `pipeline.commands.run`."""
+code) is decided in one place, `pipeline.commands.run`. The demo_*.py modules are `vitpipe demo`'s steps, not
+subcommands: an example built on the library's public calls."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from pipeline.commands.run import reported_cluster_errors as _reported
-from pipeline.tracking.console import FilteredStream
+from pipeline.tracking.console import FilteredStream, quiet_ray_logger
 
 __all__ = ["register"]
 
@@ -61,6 +61,8 @@ def _logs(args: argparse.Namespace) -> int:
     from pipeline.launch import submit as S
 
     client = S.job_client(args.address)
+    if not args.verbose:
+        quiet_ray_logger()  # the log stream's websocket
     if args.follow:
         return S.exit_code(S.follow(client, args.job_id, out=sys.stdout, quiet=not args.verbose))
     text = client.get_job_logs(args.job_id)

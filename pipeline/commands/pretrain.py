@@ -30,10 +30,11 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, RunConfig)
     result = run_pretraining(cfg, resume=args.resume, address=args.address)
+    # the result on one line: as a Ray job's last line, it ends what `vitpipe submit --follow` shows
     print(json.dumps({
         "name": result.name, "run_id": result.run_id, "final_checkpoint": result.final_checkpoint,
         "checkpoint": result.checkpoint, "step": result.step,
         "train/loss": result.metrics.get("train/loss"),
         "registered": getattr(result.registered, "uri", None) if result.registered else None,
-    }, indent=2))
+    }))
     return 0

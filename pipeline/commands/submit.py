@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.commands import add_config_args
 from pipeline.commands.run import reported_cluster_errors as _reported
 from pipeline.commands.transfer import add_suite_args, suite_job_args
+from pipeline.tracking.console import quiet_ray_logger
 
 if TYPE_CHECKING:
     from pipeline.launch.submit import Submission
@@ -91,15 +92,21 @@ def _submit(args: argparse.Namespace) -> int:
         job_args=job_args, working_dir=args.working_dir,
     )
     address = args.address or S.default_address() or "(none)"
-    print(f"address:     {address}")
-    print(f"entrypoint:  {sub.entrypoint}")
     shown = S.redact(sub.runtime_env)
-    if "working_dir" in shown:
-        print(f"working_dir: {shown.pop('working_dir')} (excluding {' '.join(shown.pop('excludes', []))})")
-    print("runtime_env: " + json.dumps(shown, indent=2, sort_keys=True))
+    if args.dry_run or args.verbose:
+        print(f"address:     {address}")
+        print(f"entrypoint:  {sub.entrypoint}")
+        if "working_dir" in shown:
+            print(f"working_dir: {shown.pop('working_dir')} (excluding {' '.join(shown.pop('excludes', []))})")
+        print("runtime_env: " + json.dumps(shown, indent=2, sort_keys=True))
+    else:  # what a user checks before the job's own lines: what travels with it (secrets redacted), on one line
+        shown.pop("excludes", None)
+        print("runtime_env: " + json.dumps(shown, sort_keys=True))
     if args.dry_run:
         return 0
     client = S.job_client(args.address)
+    if not args.verbose:
+        quiet_ray_logger()  # packaging and uploading the working dir, the log stream's websocket
     job_id = S.submit(client, sub, args.submission_id)
     print(f"submitted:   {job_id}", flush=True)
     if not args.follow:

@@ -70,8 +70,9 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, TransferRunConfig)
     result = run_transfer(cfg, source=args.source, workdir=args.workdir)
+    # the result on one line: as a Ray job's last line, it ends what `vitpipe submit --follow` shows
     print(json.dumps({"run_id": result.run_id, "metrics": result.metrics, "artifacts": result.artifacts,
-                      "registered": result.registered.uri if result.registered else None}, indent=2))
+                      "registered": result.registered.uri if result.registered else None}))
     return 0
 
 

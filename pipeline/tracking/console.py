@@ -1,17 +1,19 @@
-"""What a user following a job sees: the job's own progress lines, warnings and errors, without Ray's known-harmless
-noise. Filtering happens only where lines reach the user's terminal (the `vitpipe` process's stdout/stderr, and
-`vitpipe submit --follow`'s copy of the job log); Ray's own log files (job-driver-*.log, worker-*.out/.err,
-logs/train/) keep every line."""
+"""What a user following a job sees: the job's own lines (its run link, progress, result), warnings and errors,
+without the routine lines Ray and the libraries print on every job. Filtering happens only where lines reach the
+user's terminal (the `vitpipe` process's stdout/stderr and its own Ray logger, and `vitpipe submit --follow`'s copy
+of the job log); Ray's own log files (job-driver-*.log, worker-*.out/.err, logs/train/) keep every line."""
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-__all__ = ["NOISE", "LineFilter", "FilteredStream", "quiet_console", "progress_line", "say"]
+__all__ = ["NOISE", "NOISE_TRACEBACKS", "LineFilter", "FilteredStream", "NoiseLogFilter", "quiet_console",
+           "quiet_ray_logger", "progress_line", "say"]
 
 # Lines Ray and its dependencies print on every job that say nothing to its user. Matched anywhere in a line, so
 # Ray's "(RayTrainWorker pid=...)" prefixes do not matter.
@@ -23,6 +25,35 @@ NOISE = tuple(re.compile(p) for p in (
     r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",  # each rank's op (cache hit or not)
     r"Did not detect any changes in the cluster resources",  # an elastic group's every resize consideration
     r"\b(Future|Deprecation|RayDeprecation|PendingDeprecation)Warning: ",  # the line that warnings printed
+    # Ray's job manager and the job's connection to its cluster (`vitpipe submit` printed what it submitted)
+    r"Runtime env is setting up\.",
+    r"Running entrypoint for job \S+: ",
+    r"Connecting to existing Ray cluster at address: ",
+    r"Connected to Ray cluster\. View the dashboard at ",
+    r"Directory '[^']+' is now ignored by default when packaging the working directory",  # we exclude it anyway
+    # Ray Train forming the worker group ("Started training worker group" and its ranks' addresses stay)
+    r"Requesting resources: \{",
+    r"Attempting to start training worker group of size \d+",
+    r"Setting up process group for: ",
+    # botocore's credential and endpoint lookup, in the driver and in every worker
+    r"Found credentials (in|from|using) ",
+    r"Found endpoint for \w+ via: ",
+    # CPU workers: DeepSpeed's and torch's accelerator probes, gloo's reverse lookup of a loopback peer
+    r"Setting accelerator to CPU\. If you have GPU",
+    r"No CUDA runtime is found, using CUDA_HOME=",
+    r"\[c10d\] The hostname of the client socket cannot be retrieved",
+    # MLflow: its INFO lines (its own format), the run links end_run echoes (the job printed its run link),
+    # and the artifact progress bars (tqdm in a log file: one line per update)
+    r"\bINFO mlflow[\w.]*: ",
+    r"View (run \S+|experiment) at: http",
+    r"(Downloading|Uploading) artifacts: ",
+))
+# Tracebacks of Ray's own threads that say nothing to the user: the line that opens one; its frames and the exception
+# line that ends it (lines behind the same "(Actor pid=N)" prefix) go with it.
+NOISE_TRACEBACKS = tuple(re.compile(p) for p in (
+    # the placement-group cleaner's monitor, when it cannot tell which Ray's State API to ask (a machine running
+    # more than one Ray, e.g. a shared development box): the same cleaner as the "Failed to query" lines above
+    r"Exception in thread PlacementGroupCleanerMonitor:",
 ))
 # warnings.warn prints the warning line, then the offending source line indented: drop that one with it
 _SOURCE_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?(\([^)]*\)\s*(\x1b\[[0-9;]*m)?)?\s{2,}\S")
@@ -31,12 +62,26 @@ _SOURCE_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?(\([^)]*\)\s*(\x1b\[[0-9;]*m)?)?\s
 class LineFilter:
     """Stateful per-stream filter: `keep(line)` says whether a complete line is shown."""
 
-    def __init__(self, noise: tuple[re.Pattern, ...] = NOISE):
-        self.noise = noise
+    def __init__(self, noise: tuple[re.Pattern, ...] = NOISE,
+                 tracebacks: tuple[re.Pattern, ...] = NOISE_TRACEBACKS):
+        self.noise, self.tracebacks = noise, tracebacks
         self.dropped = 0
         self._after_warning = False
+        self._traceback: str | None = None  # the prefix of the noise traceback being dropped
 
     def keep(self, line: str) -> bool:
+        if self._traceback is not None and line.startswith(self._traceback):
+            body = line[len(self._traceback):]
+            if not body.startswith((" ", "\t", "Traceback")):
+                self._traceback = None  # the exception line: the traceback's last
+            self.dropped += 1
+            return False
+        for p in self.tracebacks:
+            m = p.search(line)
+            if m:
+                self._traceback = line[:m.start()]
+                self.dropped += 1
+                return False
         if self._after_warning and _SOURCE_LINE.match(line):
             self._after_warning = False
             self.dropped += 1
@@ -50,29 +95,39 @@ class LineFilter:
 
 
 class FilteredStream(io.TextIOBase):
-    """A text stream that forwards complete lines to `target` unless the filter drops them."""
+    """A text stream that forwards complete lines to `target` unless the filter drops them. Blank lines wait for the
+    next line and go with it: a progress bar in a log file starts with one (its carriage return), and is dropped."""
 
     def __init__(self, target: TextIO, line_filter: LineFilter | None = None):
         self.target, self.filter = target, line_filter or LineFilter()
         self._partial = ""
+        self._blank = 0
 
     def write(self, text: str) -> int:
         data = self._partial + text
         lines = data.split("\n")
         self._partial = lines.pop()
         for line in lines:
-            if self.filter.keep(line):
-                self.target.write(line + "\n")
+            self._line(line, "\n")
         return len(text)
+
+    def _line(self, line: str, end: str) -> None:
+        if not line.strip():
+            self.filter.keep(line)  # a blank line ends a warning: an indented line after it is not its source line
+            self._blank += 1
+            return
+        blank, self._blank = self._blank, 0
+        if self.filter.keep(line):
+            self.target.write("\n" * blank + line + end)
 
     def flush(self) -> None:
         self.target.flush()
 
     def close_line(self) -> None:
-        """Writes a pending unterminated line (end of stream)."""
-        if self._partial and self.filter.keep(self._partial):
-            self.target.write(self._partial)
-        self._partial = ""
+        """Writes a pending unterminated line (end of stream); blank lines at the end are dropped."""
+        if self._partial:
+            self._line(self._partial, "")
+        self._partial, self._blank = "", 0
         self.target.flush()
 
     def isatty(self) -> bool:
@@ -99,6 +154,30 @@ def quiet_console() -> Iterator[None]:
         out.close_line()
         err.close_line()
         sys.stdout, sys.stderr = saved
+
+
+class NoiseLogFilter(logging.Filter):
+    """Drops log records whose message matches NOISE (for a handler that writes to the user's terminal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in NOISE)
+
+
+def quiet_ray_logger() -> None:
+    """In a process that submits or follows jobs: the "ray" logger's routine INFO lines (packaging the working dir,
+    uploading it, the log stream's websocket closing) and its NOISE warnings stay out of the terminal; its other
+    warnings and errors show. Call it after ray is imported: the import sets that logger's level and handler."""
+    logger = logging.getLogger("ray")
+    logger.setLevel(logging.WARNING)
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        # some of Ray's modules set their own logger to INFO (the job SDK's): those too
+        if (name.startswith("ray.") and isinstance(child, logging.Logger)
+                and logging.NOTSET < child.level < logging.WARNING):
+            child.setLevel(logging.WARNING)
+    for handler in logger.handlers:
+        if not any(isinstance(f, NoiseLogFilter) for f in handler.filters):
+            handler.addFilter(NoiseLogFilter())
 
 
 def say(line: str) -> None:

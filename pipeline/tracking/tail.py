@@ -1,27 +1,38 @@
 """Following a running MLflow run from the console: `MetricsTail` prints its metrics as the workers log them (the
-workers' sinks write to MLflow only). Read-only; mlflow is imported inside functions."""
+workers' sinks write to MLflow only), in the lines the job itself prints. Read-only; mlflow is imported inside
+functions."""
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Callable
 
-__all__ = ["MetricsTail"]
+from pipeline.tracking.console import progress_line
+
+__all__ = ["MetricsTail", "evaluation_line"]
+
+_FEWSHOT = re.compile(r"^fewshot/(?P<name>.+)_(?P<k>\d+)shot$")  # not the _std, _log2_l2, _images companions
 
 
 class MetricsTail(threading.Thread):
     """Prints the running MLflow run's metrics (the newest RUNNING run named `run_name` in `experiment`) as the
-    workers log them: the workers' sink writes to MLflow only, this makes the steps visible on the console."""
+    workers log them: the job's progress line (pipeline.tracking.console.progress_line) once per logging interval,
+    and an evaluation line at each evaluation step."""
 
-    KEYS = ("train/loss", "train/lr", "perf/images_per_s", "val/loss", "val/prec1")
+    KEYS = ("train/loss", "perf/images_per_s", "perf/data_wait_fraction", "scaling/world_size", "val/loss",
+            "val/prec1")
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, total_steps: int, label: str,
-                 say: Callable[[str], None], interval_s: float = 2.0):
-        super().__init__(daemon=True, name=f"metrics-tail-{label}")
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, total_steps: int,
+                 say: Callable[[str], None], interval_s: float = 2.0, indent: str = "  "):
+        super().__init__(daemon=True, name=f"metrics-tail-{run_name}")
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.total, self.label, self.say, self.interval = total_steps, label, say, interval_s
+        self.total, self.say, self.interval, self.indent = total_steps, say, interval_s, indent
         self.run_id: str | None = None
         self._printed = 0
+        # (step, ms) of the first step the workers logged (scaling/world_size: at the first step of every attempt):
+        # the ETA extrapolates the time per step since then, as the job's own progress line does
+        self._start: tuple[int, int] | None = None
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -54,21 +65,42 @@ class MetricsTail(threading.Thread):
                 return
             self.run_id = runs[0].info.run_id
         latest = client.get_run(self.run_id).data.metrics
-        keys = [k for k in self.KEYS if k in latest] + sorted(
-            (k for k in latest if k.startswith("fewshot/")), key=lambda k: (len(k), k))  # 1shot before 10shot
+        keys = [k for k in self.KEYS if k in latest] + [k for k in latest if _FEWSHOT.match(k)]
+        history = {key: client.get_metric_history(self.run_id, key) for key in keys}
+        if self._start is None:
+            logged = [(m.step, m.timestamp) for ms in history.values() for m in ms]
+            self._start = min(logged) if logged else None
         by_step: dict[int, dict[str, float]] = {}
-        for key in keys:
-            for m in client.get_metric_history(self.run_id, key):
+        stamps: dict[int, int] = {}
+        for key, ms in history.items():
+            for m in ms:
                 if m.step > self._printed:
                     by_step.setdefault(m.step, {})[key] = m.value
+                    stamps[m.step] = max(stamps.get(m.step, 0), m.timestamp)
         for step in sorted(by_step):
-            if "train/loss" not in by_step[step] and step != max(by_step):
-                continue
-            self.say(f"  [{self.label}] step {step:>4}/{self.total}  " + "  ".join(
-                f"{k.split('/', 1)[1] if k.startswith(('train/', 'perf/')) else k} {_fmt(v)}"
-                for k, v in by_step[step].items()))
+            m = by_step[step]  # one step's metrics arrive together (the sink writes them in one batch)
+            if "train/loss" in m and self._start is not None:
+                elapsed = (stamps[step] - self._start[1]) / 1000
+                self.say(self.indent + progress_line(step, self.total, m, elapsed, self._start[0]))
+            evaluated = evaluation_line(m)
+            if evaluated:
+                self.say(f"{self.indent}step {step}: {evaluated}")
             self._printed = step
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3e}" if 0 < abs(v) < 1e-2 else f"{v:.4g}"
+def evaluation_line(metrics: dict[str, float]) -> str:
+    """`val loss 1.872  top-1 30.5%  few-shot fmnist 1-shot 27.6%  5-shot 33.9%`, or "" when `metrics` holds no
+    evaluation."""
+    parts = []
+    if "val/loss" in metrics:
+        parts.append(f"val loss {metrics['val/loss']:.4f}")
+    if "val/prec1" in metrics:
+        parts.append(f"top-1 {metrics['val/prec1']:.1%}")
+    shots: dict[str, list[tuple[int, float]]] = {}
+    for key, value in metrics.items():
+        m = _FEWSHOT.match(key)
+        if m:
+            shots.setdefault(m["name"], []).append((int(m["k"]), value))
+    for name, accs in sorted(shots.items()):
+        parts.append(f"few-shot {name} " + "  ".join(f"{k}-shot {v:.1%}" for k, v in sorted(accs)))
+    return "  ".join(parts)

@@ -136,9 +136,11 @@ def prepare_transfer(cfg: TransferRunConfig, *, source: str | None = None, workd
         torch.manual_seed(cfg.train.seed)
         adapted = build_model(model).state_dict()
     init_dir = save_checkpoint(workdir / "init", adapted, model, {"source": version.uri})
+    # a from-scratch baseline says so: it takes the source's architecture and none of its weights
+    start = "random init with the architecture of" if cfg.transfer.init == "random" else "transfer from"
     log.info(
-        "transfer from %s (version %s, %s at %d px) -> %d classes at %d px, mode %s",
-        uri, version.version, src_model.name, src_model.image_size, model.num_classes, model.image_size,
+        "%s %s (version %s, %s at %d px) -> %d classes at %d px, mode %s",
+        start, uri, version.version, src_model.name, src_model.image_size, model.num_classes, model.image_size,
         cfg.transfer.mode,
     )
     return PreparedTransfer(cfg, version, src_model, model, init_dir, train_manifest, val_manifest, workdir)

@@ -95,8 +95,8 @@ def _write_idx(path: Path, arr: np.ndarray) -> str:
 def source_files(tmp_path: Path) -> dict[str, str]:
     """Tiny IDX files for the shards jobs: a slice of Fashion-MNIST (the Debian package) for pretraining, and
     scikit-learn's digits at 28 px for the transfer."""
+    from pipeline.commands.demo_data import digits_28px, find_fashion_mnist
     from pipeline.data.sources import read_idx
-    from pipeline.demo import digits_28px, find_fashion_mnist
 
     fm = find_fashion_mnist()
     digits, digit_labels = digits_28px()

@@ -148,7 +148,6 @@ def resume_case(request, tmp_path_factory):
     """A 100-image set with bad samples, on local disk or S3, and its uninterrupted 9-step run on one rank: written
     and computed once, read by each world-size pair."""
     from pipeline.data.config import StorageConfig
-
     from tests.fixtures.s3 import ensure_buckets, make_storage_config
 
     if request.param == "local":

@@ -66,6 +66,22 @@ def test_submit_follow_shows_one_progress_line_per_interval(submitted):
         assert noise not in out + submitted.stderr, noise
 
 
+def test_submit_follow_shows_the_jobs_own_lines_not_the_libraries(submitted):
+    """Besides its progress lines, the followed job shows at most 10: what was submitted, the job id, the run link,
+    the worker group, the saved and registered model, the result, the final status. Ray's packaging, botocore's
+    credential lookup, DeepSpeed's and torch's accelerator probes, gloo and MLflow stay in Ray's log files."""
+    lines = (submitted.stdout + submitted.stderr).splitlines()
+    other = [line for line in lines if not re.search(rf"\bstep \d+/{STEPS} \(\d+%\)", line)]
+    assert len(other) <= 10, f"{len(other)} lines besides the progress lines:\n" + "\n".join(other)
+    for noise in ("Ignoring upload to cluster", "hostname of the client socket cannot be retrieved",
+                  "Found credentials in environment variables", "Setting accelerator to CPU",
+                  "No CUDA runtime is found", "Downloading artifacts", "Runtime env is setting up", " INFO mlflow"):
+        assert noise not in submitted.stdout + submitted.stderr, noise
+    # what the user acts on is there: the job id, the run's link, the result, the status
+    assert re.search(r"MLflow run \w+ \(experiment vit-ui\): http\S+", submitted.stdout), other
+    assert re.search(r"^submitted: +raysubmit_\w+$", submitted.stdout, re.M) and "SUCCEEDED" in submitted.stderr
+
+
 def test_the_ui_shows_runs_charts_pictures_artifacts_and_the_version(local_stack, submitted):
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.commands.demo_data import digits_28px
 from pipeline.data.config import AugmentConfig
 from pipeline.data.transforms import normalize
-from pipeline.demo import digits_28px
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_model, save_checkpoint
 from tests.fixtures.mlflow import register_in_new_run
