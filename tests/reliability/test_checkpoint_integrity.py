@@ -229,7 +229,7 @@ def test_every_committed_checkpoint_damaged_fails_with_one_clear_line(ranks2, co
         ranks2.fit(cfg)
     text = str(e.value)
     assert "central directory" not in text and "PytorchStreamReader" not in text, text
-    lines = [line for line in text.splitlines() if line.startswith("pipeline.train.runstore.DamagedCheckpointError")]
+    lines = [line for line in text.splitlines() if line.startswith("pipeline.errors.DamagedCheckpointError")]
     assert len(lines) == 1, text  # the first failing rank's traceback (the group reports one)
     line = lines[0]
     assert f"run folder s3://{BUCKET}/{run}: no committed checkpoint is intact" in line, line
