@@ -9,6 +9,7 @@ raised at once.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import logging
@@ -16,10 +17,6 @@ import random
 import threading
 import time
 from typing import Any, Callable
-
-import aiohttp
-from botocore.exceptions import BotoCoreError
-from fsspec.exceptions import FSTimeoutError
 
 from pipeline.data.config import StorageConfig
 
@@ -57,12 +54,34 @@ def count_request_retries(parsed: dict | None = None, **_: Any) -> None:
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-# s3fs (a dependency) brings aiohttp, botocore and fsspec: their transient errors, beside the standard library's
-_TRANSIENT = (OSError, http.client.HTTPException, TimeoutError, aiohttp.ClientError, BotoCoreError, FSTimeoutError)
+@functools.cache
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """The standard library's transient errors, and those of the object-store clients that are installed (a machine
+    that reads only local paths may have no s3fs, hence no aiohttp or botocore)."""
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException, TimeoutError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        errors.append(FSTimeoutError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _TRANSIENT) and not isinstance(exc, _NOT_TRANSIENT)
+    return isinstance(exc, _transient_errors()) and not isinstance(exc, _NOT_TRANSIENT)
 
 
 def backoff_s(attempt: int, storage: StorageConfig) -> float:

@@ -12,10 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.data.config import StorageConfig
@@ -197,11 +193,17 @@ class TableSource(Source):
         fs, path = get_filesystem(url, self.storage)
         blob = fs.cat_file(path)
         suffix = url.rsplit(".", 1)[-1].lower()
+        # pyarrow only for tables: a machine that writes or reads image shards may not have it
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.json as pajson
+        import pyarrow.parquet as pq
+
         readers = {"csv": pacsv.read_csv, "parquet": pq.read_table, "pq": pq.read_table,
                    "jsonl": pajson.read_json, "ndjson": pajson.read_json}
         if suffix not in readers:
             raise ValueError(f"table source {url!r}: unknown format .{suffix} (use .csv, .parquet or .jsonl)")
-        table: pa.Table = readers[suffix](pa.BufferReader(blob))
+        table = readers[suffix](pa.BufferReader(blob))
         rows = table.to_pylist()
         cols = set(table.column_names)
         path_col = next((c for c in ("path", "url", "image", "file") if c in cols), None)

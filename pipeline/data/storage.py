@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
-import s3fs
-from aiobotocore.session import AioSession
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
@@ -62,6 +60,9 @@ def _make_s3(storage: StorageConfig):
     # while this process may be using storage in another thread (a checkpoint uploading in the background, a
     # manifest read finishing); a worker that inherited the session with one of its locks held would wait on it for
     # ever. A worker's first client loads the service models again (a fraction of a second per epoch's worker).
+    import s3fs  # only for s3:// URLs: a machine that reads local paths may not have it
+    from aiobotocore.session import AioSession
+
     key = f"{os.getpid()}:{_storage_key(storage)}"
     session = _SESSIONS.get(key)
     if session is None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import fsspec
-import pyarrow.fs
 
 from pipeline.config import RunConfig
 from pipeline.data.config import resolve_readers
@@ -100,6 +99,8 @@ def ray_storage(storage_path: str, storage: Storage) -> tuple[str, Any]:
         )
     else:
         fs = fsspec.filesystem(protocol)
+    import pyarrow.fs  # Ray's storage filesystem only: local runs (and gpu_check's machine) need no pyarrow
+
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py, the prepared GPU check, run here the way it runs on a GPU machine that has no Ray, no
-MLflow and no s3fs (imports of them fail): without CUDA it refuses with one line; with --cpu every piece runs on
-the CPU (the worker's loop, a resume, the export, evaluation in the workers' code, both decode paths)."""
+MLflow, no s3fs (nor its aiohttp and botocore) and no pyarrow (imports of them fail): without CUDA it refuses with
+one line; with --cpu every piece runs on the CPU (the worker's loop, a resume, the export, evaluation in the workers' code, both decode paths)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BLOCK = '''
 import sys
 class _Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "mlflow", "s3fs"):
+        if name.split(".")[0] in ("ray", "mlflow", "s3fs", "aiohttp", "botocore", "boto3", "pyarrow"):
             raise ImportError(f"{name} is not installed on the GPU machine")
 sys.meta_path.insert(0, _Absent())
 '''

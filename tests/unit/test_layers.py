@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, list[str]]] = [
 
 # What may be imported inside a function outside pipeline/commands (where `vitpipe --help` needs every command's
 # implementation lazy): heavy libraries only, never a project module (pyproject.toml lists the files and why).
-LAZY_OK = {"torch", "torchvision", "ray", "mlflow", "deepspeed", "webdataset", "matplotlib", "imagehash", "gcsfs"}
+LAZY_OK = {"torch", "torchvision", "ray", "mlflow", "deepspeed", "webdataset", "matplotlib", "imagehash", "gcsfs",
+           "s3fs", "aiobotocore", "pyarrow"}  # the last three: object stores and tables only (gpu_check's machine has none)
 
 # third-party packages a layer must not import at all (the data floor receives a `map` callable; it never drives Ray)
 FORBIDDEN = {"model, data": {"ray"}}
