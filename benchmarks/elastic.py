@@ -46,8 +46,9 @@ THREE = ["COMMITTED.rank0", "COMMITTED.rank1", "COMMITTED.rank2"]
 
 
 def job_args(bucket: str, train: str, name: str) -> list[str]:
+    # model.num_classes: the shards hold all 10 Fashion-MNIST classes (the demo's recipe pretrains on 6 of them)
     return ["configs/demo/pretrain-quick.yaml", "--set", f"name={name}", f"data.train={train}", "data.val=null",
-            "data.fewshot_train=null", "data.fewshot_test=null", "data.num_workers=1",
+            "data.fewshot_train=null", "data.fewshot_test=null", "model.num_classes=10", "data.num_workers=1",
             f"data.virtual_readers={READERS}", f"train.steps={STEPS}", f"train.global_batch={BATCH}",
             f"train.micro_batch={MICRO}", f"train.checkpoint_every={EVERY}", "train.log_every=1",
             "train.eval_every=100000", "train.fewshot_every=0", "scaling.num_workers=[2,3]",

@@ -26,8 +26,8 @@ QUIET = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="end-to-end demo: Fashion-MNIST shards -> ViT pretraining (ZeRO-2, 2 Ray workers, MLflow) -> "
-        "registry -> transfer onto digits vs from scratch",
+        "demo", help="end-to-end demo: Fashion-MNIST shards (4 classes held out) -> ViT pretraining (ZeRO-2, 2 Ray "
+        "workers, MLflow) -> registry -> transfer onto the held-out classes and onto digits vs from scratch",
         description="Runs the whole mission on embedded defaults: shards in a local folder, a sqlite MLflow store "
         "and a local Ray on 127.0.0.1, all under --workdir. Each run starts clean (runs/, mlflow.db, mlartifacts/, "
         "transfer/ are removed) and reuses shards/ written by an earlier run of the same size. Prints each stage, "
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workdir", default="demo-out", help="where everything goes (default: ./demo-out)")
     p.add_argument("--quick", action="store_true",
-                   help="a much smaller version (~3 min on 2 cores; what the tests run)")
+                   help="a much smaller version with one seed (~4 min on 2 cores; what the tests run)")
     p.add_argument("--worker-logs", action="store_true",
                    help="stream the Ray workers' own output too (default: it stays in Ray's log files, "
                    "/tmp/ray/session_latest/logs/)")

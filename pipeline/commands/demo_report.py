@@ -1,20 +1,28 @@
-"""What `vitpipe demo` reports: its figures as they are gathered (`DemoResult`), the stage headers and result lines
-(`Stages`), and the summary table with the MLflow UI hint at the end (`format_summary`)."""
+"""What `vitpipe demo` reports: its figures as they are gathered (`DemoResult`, one `TaskResult` per downstream
+task), the stage headers and result lines (`Stages`), the machine it ran on (`machine_line`), the verdict on each
+fine-tune vs scratch gap (`gap_verdict`), and the summary table with the MLflow UI hint at the end
+(`format_summary`)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.commands.demo_data import DemoPlan
 from pipeline.tracking.run import ui_url
 
-__all__ = ["StageTime", "DemoResult", "Stages", "format_summary"]
+__all__ = ["StageTime", "TaskResult", "DemoResult", "Stages", "machine_line", "gap_verdict", "format_summary"]
+
+PROBES = ("pretrained", "random", "pixels")
 
 
 @dataclass
@@ -24,16 +32,33 @@ class StageTime:
 
 
 @dataclass
+class TaskResult:
+    """One downstream task's figures: top-1 of the fine-tunes and of the from-scratch runs, one per seed (paired: the
+    same seed gives both the same data order), and the ridge probes (features -> top-1)."""
+
+    finetune: list[float] = field(default_factory=list)
+    scratch: list[float] = field(default_factory=list)
+    probe: dict[str, float] = field(default_factory=dict)  # "pretrained", "random" (init), "pixels"
+    run_ids: dict[str, str] = field(default_factory=dict)  # "finetune", "scratch": seed 0's MLflow run
+    registered: str | None = None                          # models:/NAME/VERSION of seed 0's fine-tune, if any
+
+    @property
+    def gaps(self) -> list[float]:
+        """Fine-tune minus scratch top-1, seed by seed."""
+        return [a - b for a, b in zip(self.finetune, self.scratch)]
+
+
+@dataclass
 class DemoResult:
     workdir: Path
     tracking_uri: str
     pretrain_data: str = ""                 # "fashion-mnist" or "digits" (fallback)
+    machine: str = ""                       # machine_line(): where the figures come from
     stages: list[StageTime] = field(default_factory=list)
     data: dict[str, int] = field(default_factory=dict)          # split -> samples
+    classes: dict[str, list[str]] = field(default_factory=dict)  # "pretrain" and each task -> class names
     pretrain: dict[str, Any] = field(default_factory=dict)
-    transfer: dict[str, Any] = field(default_factory=dict)  # "top1": first seed's, "seeds": every seed's
-    scratch: dict[str, Any] = field(default_factory=dict)
-    probe: dict[str, float] = field(default_factory=dict)      # features -> ridge-probe top-1 on digits
+    tasks: dict[str, TaskResult] = field(default_factory=dict)  # in the order they ran
 
     @property
     def ui_command(self) -> str:
@@ -44,20 +69,42 @@ class DemoResult:
         """The pretraining experiment in the model-training view of what `ui_command` serves."""
         return ui_url("http://127.0.0.1:5000", self.pretrain.get("experiment_id"))
 
-    @property
-    def transfer_gain(self) -> float:
-        """Mean over seeds of fine-tune minus scratch top-1 (paired by seed)."""
-        return float(np.mean(self._gaps()))
 
-    @property
-    def transfer_gain_std(self) -> float | None:
-        gaps = self._gaps()
-        return float(np.std(gaps, ddof=1)) if len(gaps) > 1 else None
+def machine_line(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """"<CPU model>, <N> cores, torch <version>": the machine the demo's figures come from (the CPU count is what
+    the OS reports, hyper-threads included)."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                model = " ".join(line.split(":", 1)[1].split())
+                break
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch_version}"
 
-    def _gaps(self) -> list[float]:
-        a = self.transfer.get("seeds") or [self.transfer["top1"]]
-        b = self.scratch.get("seeds") or [self.scratch["top1"]]
-        return [x - y for x, y in zip(a, b)]
+
+def gap_verdict(task: str, gaps: Sequence[float]) -> str:
+    """The line on fine-tune vs scratch for `task`, from their paired per-seed top-1 gaps (fractions). A win or a
+    loss only when the mean gap is more than 2 standard errors (std / sqrt(N)) from zero, the spread being the
+    seeds' own; otherwise no clear difference. One seed has no spread to judge by: it draws no conclusion."""
+    n = len(gaps)
+    if n == 0:
+        return f"fine-tune vs training from scratch on {task}: no paired runs"
+    mean = float(np.mean(gaps)) * 100
+    if n == 1:
+        return (f"fine-tune vs training from scratch: {mean:+.1f} points top-1 on {task} from 1 seed: "
+                "no conclusion drawn (one seed gives no spread to judge the gap by)")
+    std = float(np.std(gaps, ddof=1)) * 100
+    gap = f"{mean:+.1f} ± {std:.1f} points"
+    if abs(mean) > 2 * std / math.sqrt(n):
+        if mean > 0:
+            return f"fine-tuning beats training from scratch: {gap} top-1 on {task} ({n} seeds, paired; > 2 SE)"
+        return (f"NOTE: fine-tuning did NOT beat training from scratch: {gap} top-1 on {task} ({n} seeds, paired; "
+                "scratch ahead by > 2 SE)")
+    return f"fine-tune vs training from scratch on {task}: no clear difference ({gap}, {n} seeds, paired)"
 
 
 class Stages:
@@ -84,49 +131,59 @@ def _spread(accs: list[float]) -> str:
     return f"{np.mean(accs):.1%} ± {np.std(accs, ddof=1) * 100:.1f} ({len(accs)} seeds)"
 
 
+def _task_rows(result: DemoResult, what: Callable[[str, TaskResult], str]) -> list[str]:
+    """One result text per task, the first for the stage's own line and the others for lines under it."""
+    return [what(name, t) for name, t in result.tasks.items()] or ["n/a"]
+
+
 def format_summary(result: DemoResult, plan: DemoPlan | None = None) -> str:
-    """The summary table printed at the end of the demo, its verdicts, and how to open the MLflow UI on its store."""
+    """The summary table printed at the end of the demo, its verdicts, and how to open the MLflow UI on its store.
+    Its first line names the machine the figures come from."""
     times = {s.name: s.seconds for s in result.stages}
-    p, tr, sc = result.pretrain, result.transfer, result.scratch
+    p, d = result.pretrain, result.data
     shots = "  ".join(f"{k}-shot {v:.1%}" for k, v in sorted(p.get("fewshot", {}).items()))
-    d = result.data
-    pr = result.probe
-    probe = "  ".join(f"{k} {pr[k]:.1%}" for k in ("pretrained", "random", "pixels") if k in pr)
-    rows = [
-        ("1 data", times.get("data"), f"{result.pretrain_data}: train {d.get('train')}, val {d.get('val')}, "
-         f"few-shot {d.get('fewshot-train')}/{d.get('fewshot-test')}; digits {d.get('digits-train')}/"
-         f"{d.get('digits-test')}"),
-        ("2 pretrain", times.get("pretrain"), f"{p.get('model')} {p.get('steps')} steps: loss "
-         f"{p.get('first_loss', 0):.3f} -> {p.get('last_loss', 0):.3f}; "
-         f"val top-1 {p.get('val_prec1', float('nan')):.1%}"),
-        ("", None, f"few-shot ({result.pretrain_data}): {shots}"),
-        ("3 transfer", times.get("transfer"), f"digits top-1 {_spread(tr.get('seeds', []))}  (from {p.get('source')})"),
-        ("4 scratch", times.get("scratch"), f"digits top-1 {_spread(sc.get('seeds', []))}  (random init, same "
-         "steps/batch/optimiser)"),
-        ("5 probe", times.get("probe"), f"ridge probe on frozen features, digits top-1: {probe}"),
-        ("6 registry", times.get("registry"), f"{p.get('registered')}, {tr.get('registered')}"),
-        ("total", times.get("total"), ""),
+    seen = len(result.classes.get("pretrain", [])) or "?"
+    tasks = "; ".join(f"{t} {d.get(f'{t}-train')}/{d.get(f'{t}-test')}" for t in result.tasks)
+
+    def probes(task: str, t: TaskResult) -> str:
+        return f"ridge probe on frozen features, {task} top-1: " + "  ".join(
+            f"{k} {t.probe[k]:.1%}" for k in PROBES if k in t.probe)
+
+    registered = [p.get("registered")] + [t.registered for t in result.tasks.values() if t.registered]
+    stage_rows: list[tuple[str, list[str]]] = [
+        ("1 data", [f"{result.pretrain_data} ({seen} classes): train {d.get('train')}, val {d.get('val')}, few-shot "
+                    f"{d.get('fewshot-train')}/{d.get('fewshot-test')}; {tasks}"]),
+        ("2 pretrain", [f"{p.get('model')} {p.get('steps')} steps: loss {p.get('first_loss', 0):.3f} -> "
+                        f"{p.get('last_loss', 0):.3f}; val top-1 {p.get('val_prec1', float('nan')):.1%}",
+                        f"few-shot ({result.pretrain_data}): {shots}"]),
+        ("3 transfer", _task_rows(result, lambda n, t: f"{n} top-1 {_spread(t.finetune)}  (from {p.get('source')})")),
+        ("4 scratch", _task_rows(result, lambda n, t: f"{n} top-1 {_spread(t.scratch)}  (random init, same "
+                                 "steps/batch/optimiser)")),
+        ("5 probe", _task_rows(result, probes)),
+        ("6 registry", [", ".join(map(str, registered))]),
     ]
+    rows = [(name if i == 0 else "", times.get(name.split()[1]) if i == 0 else None, text)
+            for name, texts in stage_rows for i, text in enumerate(texts)]
+    rows.append(("total", times.get("total"), ""))
     width = max(len(r[2]) for r in rows)
-    lines = [f"vitpipe demo summary ({plan.name if plan else ''}; workdir {result.workdir})",
-             f"{'stage':<11} {'wall':>8}  result", f"{'-' * 11} {'-' * 8}  {'-' * width}"]
+    head = f"vitpipe demo summary ({plan.name if plan else ''}"
+    head += f"; on {result.machine}" if result.machine else ""
+    lines = [f"{head}; workdir {result.workdir})", f"{'stage':<11} {'wall':>8}  result",
+             f"{'-' * 11} {'-' * 8}  {'-' * width}"]
     for name, secs, text in rows:
         lines.append(f"{name:<11} {(f'{secs:.1f} s' if secs is not None else ''):>8}  {text}".rstrip())
     lines.append("")
     few = [v for _, v in sorted(p.get("fewshot", {}).items())]
     if len(few) > 1 and any(b < a for a, b in zip(few, few[1:])):
         lines.append("NOTE: the few-shot accuracy does not rise with k on every step of the row above")
-    if tr and sc:
-        gain, std = result.transfer_gain, result.transfer_gain_std
-        n = len(tr.get("seeds", [])) or 1
-        spread_txt = f" ± {std * 100:.1f}" if std is not None else ""
-        verdict = "fine-tuning beats training from scratch" if gain > 0 else \
-            "NOTE: fine-tuning did NOT beat training from scratch"
-        lines.append(f"{verdict}: {gain * 100:+.1f}{spread_txt} points top-1 on digits ({n} seed(s), paired)")
-    if {"pretrained", "random", "pixels"} <= set(pr):
-        for other, what in (("random", "the same network at random init"), ("pixels", "raw pixels")):
-            diff = (pr["pretrained"] - pr[other]) * 100
-            word = "better" if diff > 0 else "NOT better"
-            lines.append(f"pretrained features probe {word} than {what}: {diff:+.1f} points")
+    for task, t in result.tasks.items():
+        if t.finetune and t.scratch:
+            lines.append(gap_verdict(task, t.gaps))
+        if set(PROBES) <= set(t.probe):
+            # one pass over one test split each: no seeds to average, the sign is what the run measured
+            for other, what in (("random", "the same network at random init"), ("pixels", "raw pixels")):
+                diff = (t.probe["pretrained"] - t.probe[other]) * 100
+                word = "better" if diff > 0 else "NOT better"
+                lines.append(f"pretrained features probe {word} than {what}: {diff:+.1f} points on {task}")
     lines += ["", "MLflow UI on this demo's store:", f"  {result.ui_command}", f"  then open {result.ui_link}"]
     return "\n".join(lines)

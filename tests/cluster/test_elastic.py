@@ -36,8 +36,9 @@ TWO = THREE[:2]
 
 
 def _args(cluster, datasets, *extra: str) -> list[str]:
+    # model.num_classes: these shards hold all 10 classes (the demo's recipe pretrains on 6 of them)
     return [CFG, "--set", f"name={RUN}", f"data.train={datasets['train']}", "data.val=null", "data.fewshot_train=null",
-            "data.fewshot_test=null", "data.num_workers=1", f"data.virtual_readers={READERS}",
+            "data.fewshot_test=null", "model.num_classes=10", "data.num_workers=1", f"data.virtual_readers={READERS}",
             f"train.steps={STEPS}", f"train.global_batch={BATCH}", f"train.micro_batch={MICRO}",
             f"train.checkpoint_every={EVERY}", "train.log_every=1", "train.eval_every=100000", "train.fewshot_every=0",
             "scaling.num_workers=[2,3]", "scaling.resize_interval_s=5", "scaling.max_failures=4",

@@ -39,8 +39,10 @@ def _common(cluster) -> list[str]:
 
 
 def _pretrain_args(cluster, datasets, name: str, *extra: str) -> list[str]:
+    # model.num_classes: these shards hold all 10 classes (the demo's recipe pretrains on 6 of them)
     return [PRETRAIN_CFG, "--set", f"name={name}", f"data.train={datasets['train']}", f"data.val={datasets['val']}",
-            f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}", f"train.steps={STEPS}",
+            f"data.fewshot_train={datasets['train']}", f"data.fewshot_test={datasets['val']}", "model.num_classes=10",
+            f"train.steps={STEPS}",
             f"train.checkpoint_every={STEPS}", f"train.eval_every={STEPS}", f"train.fewshot_every={STEPS}",
             *_common(cluster), *extra]
 
