@@ -25,7 +25,7 @@ from pipeline.commands.demo_data import CONFIG_DIR, HELDOUT_TASK, PLANS, DemoPla
 from pipeline.commands.demo_report import DemoResult, Stages, StageTime, TaskResult, format_summary, machine_line
 from pipeline.config import RunConfig, load_config
 from pipeline.eval.fewshot import ridge_probe
-from pipeline.launch.driver import connect_ray
+from pipeline.launch.fanout import connect_ray
 from pipeline.pretrain import run_pretraining
 from pipeline.tracking.registry import describe_model
 from pipeline.tracking.run import metric_history

@@ -33,29 +33,14 @@ def test_demo_quick_prints_the_summary(tmp_path):
     rows = {line.split()[1] for line in summary.splitlines() if re.match(r"^\d \w+\s+[\d.]+ s ", line)}
     assert rows == {"data", "pretrain", "transfer", "scratch", "probe", "registry"}, summary
     assert re.search(r"loss [\d.]+ -> [\d.]+", summary) and "1-shot" in summary, summary
-    top1 = re.findall(r"digits top-1 ([\d.]+)%", summary)
-    assert len(top1) == 2 and all(0 <= float(a) <= 100 for a in top1), summary
-    # the controls: ridge probes of the pretrained features, the same network at random init, and raw pixels,
-    # and the fine-tune vs scratch gap stated with its sign
-    probe = re.search(r"digits top-1: pretrained ([\d.]+)%  random ([\d.]+)%  pixels ([\d.]+)%", summary)
-    assert probe and all(0 < float(a) <= 100 for a in probe.groups()), summary
-    # one seed (the quick plan): the gap is stated, and no conclusion is drawn from it
-    assert re.search(r"fine-tune vs training from scratch: [+-][\d.]+ points top-1 on digits from 1 seed: "
-                     r"no conclusion drawn", summary), summary
-    assert re.search(r"pretrained features probe (NOT )?better than raw pixels: [+-][\d.]+ points", summary)
+    # digits (cross-domain): fine-tune and scratch top-1, the three probes, the one-seed gap with no conclusion
+    top1 = _check_task(summary, "digits")
     # the first line names the machine the figures come from
     assert re.search(r"^vitpipe demo summary \(quick; on .+, \d+ cores, torch \S+; workdir ", summary), summary
     heldout = "NOTE: Fashion-MNIST not found" not in out  # without it the held-out task is skipped, with a note
     if heldout:
         # the held-out classes (in-domain, never seen by pretraining): fine-tune, scratch, the three probes, the gap
-        held = re.findall(r"fmnist-heldout top-1 ([\d.]+)%", summary)
-        assert len(held) == 2 and all(0 <= float(a) <= 100 for a in held), summary
-        probe = re.search(r"fmnist-heldout top-1: pretrained ([\d.]+)%  random ([\d.]+)%  pixels ([\d.]+)%", summary)
-        assert probe and all(0 < float(a) <= 100 for a in probe.groups()), summary
-        assert re.search(r"fine-tune vs training from scratch: [+-][\d.]+ points top-1 on fmnist-heldout from 1 seed: "
-                         r"no conclusion drawn", summary), summary
-        assert re.search(r"pretrained features probe (NOT )?better than raw pixels: [+-][\d.]+ points on "
-                         r"fmnist-heldout", summary), summary
+        held = _check_task(summary, "fmnist-heldout")
     else:
         assert "the fmnist-heldout task is skipped" in out and "fmnist-heldout" not in summary, out[-3000:]
     db = workdir / "mlflow.db"
@@ -75,3 +60,18 @@ def test_demo_quick_prints_the_summary(tmp_path):
         runs = client.search_runs([client.get_experiment_by_name("vit-demo-transfer").experiment_id],
                                   "attributes.run_name = 'demo-transfer-quick-heldout-scratch'")
         assert len(runs) == 1 and f"{runs[0].data.metrics['final/top1']:.1%}" == f"{float(held[1]) / 100:.1%}"
+
+
+def _check_task(summary: str, task: str) -> list[str]:
+    """One downstream task's summary lines: fine-tune and scratch top-1, the ridge probes of the pretrained
+    features, the same network at random init and raw pixels, the fine-tune vs scratch gap from the quick plan's one
+    seed (stated, no conclusion drawn) and the probe vs pixels difference with its sign. Returns the two top-1s."""
+    top1 = re.findall(rf"{task} top-1 ([\d.]+)%", summary)
+    assert len(top1) == 2 and all(0 <= float(a) <= 100 for a in top1), summary
+    probe = re.search(rf"{task} top-1: pretrained ([\d.]+)%  random ([\d.]+)%  pixels ([\d.]+)%", summary)
+    assert probe and all(0 < float(a) <= 100 for a in probe.groups()), summary
+    assert re.search(rf"fine-tune vs training from scratch: [+-][\d.]+ points top-1 on {task} from 1 seed: "
+                     r"no conclusion drawn", summary), summary
+    assert re.search(rf"pretrained features probe (NOT )?better than raw pixels: [+-][\d.]+ points on {task}",
+                     summary), summary
+    return top1
